@@ -1,0 +1,14 @@
+"""Sparse-attention methods, registered by name (the names are the public API)."""
+
+from dit_sparse.methods import dense, window  # noqa: F401  (registration)
+from dit_sparse.methods.base import (
+    Method,
+    MethodConfig,
+    available_methods,
+    get_method,
+    make_config,
+    method_class,
+    register,
+)
+
+__all__ = ["Method", "MethodConfig", "available_methods", "get_method", "make_config", "method_class", "register"]

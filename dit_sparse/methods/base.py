@@ -1,0 +1,147 @@
+"""Method: a sparse-attention method is a small class that turns (q, k, layout, step context) into a BlockPlan.
+
+Methods register by name (the public API: ``apply(pipe, "radial")``); their hyper-parameters are a frozen dataclass
+deriving from :class:`MethodConfig`, whose fields are the policy every method shares and the processor applies
+(dense warm-up steps, dense layers, short sequences dense). Static methods' plans depend only on the layout (and
+the layer): :meth:`Method.get_plan` builds and checks them once per key and caches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from dit_sparse.layout import TokenLayout
+from dit_sparse.plan import BlockPlan
+from dit_sparse.state import StepContext
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Policy shared by every method.
+
+    Attributes:
+        block_size: query and key block size of the plan in tokens (default 128, the Triton kernel's tile).
+        dense_steps: the first ``dense_steps`` denoising steps run dense attention (default 0).
+        dense_layers: the first ``dense_layers`` self-attention layers run dense attention (default 0).
+        min_seq_len: self-attention over fewer tokens than this runs dense (default 1024).
+    """
+
+    block_size: int = 128
+    dense_steps: int = 0
+    dense_layers: int = 0
+    min_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        _at_least(self, "block_size", 1)
+        _at_least(self, "dense_steps", 0)
+        _at_least(self, "dense_layers", 0)
+        _at_least(self, "min_seq_len", 0)
+
+
+def _at_least(cfg: Any, name: str, low: float) -> None:
+    value = getattr(cfg, name)
+    if value < low:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be >= {low}, got {value!r}")
+
+
+def check_range(cfg: Any, name: str, low: float, high: float) -> None:
+    """Raise a ValueError naming the field unless ``low <= cfg.name <= high``."""
+    value = getattr(cfg, name)
+    if not low <= value <= high:
+        raise ValueError(f"{type(cfg).__name__}.{name} must lie in [{low}, {high}], got {value!r}")
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``config_cls``, ``dynamic`` and implement :meth:`plan`."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    dynamic: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise TypeError(f"{self.name} takes a {self.config_cls.__name__}, got {type(self.config).__name__}")
+        self._static_plans: dict[tuple, BlockPlan] = {}
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, ctx: StepContext) -> BlockPlan:
+        """The BlockPlan for one attention call (q, k: ``[B, H, N, D]``)."""
+        raise NotImplementedError
+
+    def post(self, out: torch.Tensor, lse: torch.Tensor | None, ctx: StepContext) -> torch.Tensor:
+        """Correct the sparse output (e.g. Re-ttention's statistical reshape); identity by default."""
+        return out
+
+    @property
+    def needs_lse(self) -> bool:
+        """Whether :meth:`post` reads the LSE (the kernel then returns it)."""
+        return False
+
+    def static_key(self, layout: TokenLayout, heads: int, ctx: StepContext) -> tuple:
+        """Cache key of a static plan: the layout (batch excluded) and head count; override to add the layer."""
+        return (dataclasses.replace(layout, batch=1), heads)
+
+    def get_plan(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, ctx: StepContext) -> BlockPlan:
+        """:meth:`plan`, built, checked and cached once per :meth:`static_key` for static methods."""
+        if self.dynamic:
+            return self.plan(q, k, layout, ctx)
+        key = (*self.static_key(layout, q.shape[1], ctx), q.device)
+        plan = self._static_plans.get(key)
+        if plan is None:
+            plan = self.plan(q, k, layout, ctx).check()
+            self._static_plans[key] = plan
+        return plan
+
+    def describe(self) -> dict[str, Any]:
+        """Name and hyper-parameters, for reports."""
+        return {"method": self.name, **dataclasses.asdict(self.config)}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())
+        return f"{type(self).__name__}({params})"
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def make_config(name: str, params: dict[str, Any]) -> MethodConfig:
+    """The method's config from keyword parameters, with clear errors for unknown names and bad values."""
+    cls = method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {name!r}; "
+            f"it takes: {', '.join(sorted(fields))}"
+        )
+    return cls.config_cls(**params)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sparse-attention method {name!r}; known methods: {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method: ``get_method("window", window=(1, 1, 1))``."""
+    return method_class(name)(make_config(name, params))

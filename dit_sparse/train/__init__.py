@@ -1,0 +1,1 @@
+"""Training of the embedded tiny text-to-video model (run on a GPU)."""

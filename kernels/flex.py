@@ -1,0 +1,94 @@
+"""FlexAttention backend: torch's ``flex_attention`` with a ``BlockMask`` built from the same BlockPlan.
+
+The BlockMask is built once per plan (cached beside it) and ``flex_attention`` is compiled on CUDA (eager flex
+materialises the whole score matrix, so it is only for CPU tests there).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from dit_sparse.kernels.api import skip_head_mask
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from dit_sparse.plan import BlockPlan
+
+_block_masks: weakref.WeakKeyDictionary[BlockPlan, dict] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def plan_to_block_mask(plan: BlockPlan, kv_len: torch.Tensor | None = None) -> BlockMask:
+    """FlexAttention BlockMask with the plan's blocks.
+
+    Flex treats ``mask_mod`` as the truth (eager flex applies only it) and the block lists as the places to look:
+    so ``mask_mod`` looks the block pair up in the plan, masks the tail and padded keys (``kv_len``), and only the
+    blocks that need it (the tail key block, or every block when keys are padded) are marked partial; the others
+    are passed as full blocks, which compiled flex computes without calling ``mask_mod``.
+    Built once per (plan, batch); ``kv_len`` is copied into a buffer the cached ``mask_mod`` reads.
+    """
+    per_plan = _block_masks.setdefault(plan, {})
+    key = None if kv_len is None else kv_len.shape[0]
+    if key not in per_plan:
+        n, bq, bk = plan.seq_len, plan.block_q, plan.block_kv
+        blocks = plan.block_mask()  # [B', H', Mq, Mk]
+        one_b, one_h = blocks.shape[0] == 1, blocks.shape[1] == 1
+        buf = None if kv_len is None else torch.empty_like(kv_len, dtype=torch.int64)
+        original = plan.perm if plan.perm is not None else torch.arange(n, device=plan.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = blocks[0 if one_b else b, 0 if one_h else h, q_idx // bq, kv_idx // bk] & (kv_idx < n)
+            if buf is not None:
+                keep = keep & (original[kv_idx] < buf[b])
+            return keep
+
+        partial_cols = torch.zeros(plan.num_kv_blocks, dtype=torch.bool, device=plan.device)
+        if buf is not None:
+            partial_cols[:] = True
+        elif n % bk:
+            partial_cols[-1] = True
+        partial = BlockPlan.from_block_mask(blocks & partial_cols, n, bq, bk)
+        full = BlockPlan.from_block_mask(blocks & ~partial_cols, n, bq, bk)
+        bm = BlockMask.from_kv_blocks(
+            partial.kv_num_blocks,
+            partial.kv_indices,
+            full.kv_num_blocks,
+            full.kv_indices,
+            BLOCK_SIZE=(bq, bk),
+            mask_mod=mask_mod,
+            seq_lengths=(n, n),
+        )
+        per_plan[key] = (bm, buf)
+    bm, buf = per_plan[key]
+    if buf is not None:
+        buf.copy_(kv_len)
+    return bm
+
+
+def flex_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    scale: float,
+    return_lse: bool,
+    kv_len: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if plan.perm is not None:
+        q, k, v = (x.index_select(2, plan.perm) for x in (q, k, v))
+    bm = plan_to_block_mask(plan, kv_len)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out, lse = fn(q, k, v, block_mask=bm, scale=scale, return_lse=True)
+    lse = lse.float()
+    skip = skip_head_mask(plan, q.device)
+    if skip is not None:
+        out = out.masked_fill(skip.view(1, -1, 1, 1), 0.0)
+        lse = lse.masked_fill(skip.view(1, -1, 1), float("-inf"))
+    if plan.perm is not None:
+        out, lse = out.index_select(2, plan.inv_perm), lse.index_select(2, plan.inv_perm)
+    return out, (lse if return_lse else None)
