@@ -9,6 +9,7 @@ the layer): :meth:`Method.get_plan` builds and checks them once per key and cach
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,8 +56,17 @@ def check_range(cfg: Any, name: str, low: float, high: float) -> None:
         raise ValueError(f"{type(cfg).__name__}.{name} must lie in [{low}, {high}], got {value!r}")
 
 
+# kernel(q, k, v, plan, return_lse) -> (out, lse or None), with the call's scale, backend and key padding bound
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockPlan, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 class Method:
-    """Base class: subclasses set ``name``, ``config_cls``, ``dynamic`` and implement :meth:`plan`."""
+    """Base class: subclasses set ``name``, ``config_cls``, ``dynamic`` and implement :meth:`plan`.
+
+    The processor calls :meth:`attend` for every sparse self-attention call; its default is plan → kernel → post.
+    Methods that need more than a plan (an offline search comparing candidates, a refresh step that also runs
+    dense attention) override :meth:`attend`.
+    """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
@@ -75,6 +85,14 @@ class Method:
     def post(self, out: torch.Tensor, lse: torch.Tensor | None, ctx: StepContext) -> torch.Tensor:
         """Correct the sparse output (e.g. Re-ttention's statistical reshape); identity by default."""
         return out
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, ctx: StepContext, kernel: Kernel
+    ) -> torch.Tensor:
+        """Sparse attention output ``[B, H, N, D]`` for one call: :meth:`get_plan`, the kernel, then :meth:`post`."""
+        plan = self.get_plan(q, k, layout, ctx)
+        out, lse = kernel(q, k, v, plan, self.needs_lse)
+        return self.post(out, lse, ctx)
 
     @property
     def needs_lse(self) -> bool:
