@@ -7,11 +7,17 @@ materialises the whole score matrix, so it is only for CPU tests there).
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
 from dit_sparse.kernels.api import skip_head_mask
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+try:  # torch >= 2.9 returns the LSE through AuxRequest (return_lse is deprecated there)
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
 
 from dit_sparse.plan import BlockPlan
 
@@ -83,7 +89,14 @@ def flex_block_attention(
         q, k, v = (x.index_select(2, plan.perm) for x in (q, k, v))
     bm = plan_to_block_mask(plan, kv_len)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    out, lse = fn(q, k, v, block_mask=bm, scale=scale, return_lse=True)
+    with warnings.catch_warnings():
+        # eager flex (CPU) materialises the scores; that is expected here, the warning is noise
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        if AuxRequest is not None:
+            out, aux = fn(q, k, v, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True))
+            lse = aux.lse
+        else:
+            out, lse = fn(q, k, v, block_mask=bm, scale=scale, return_lse=True)
     lse = lse.float()
     skip = skip_head_mask(plan, q.device)
     if skip is not None:

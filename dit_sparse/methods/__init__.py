@@ -8,7 +8,17 @@ from dit_sparse.methods.base import (
     get_method,
     make_config,
     method_class,
+    parse_method_spec,
     register,
 )
 
-__all__ = ["Method", "MethodConfig", "available_methods", "get_method", "make_config", "method_class", "register"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "available_methods",
+    "get_method",
+    "make_config",
+    "method_class",
+    "parse_method_spec",
+    "register",
+]

@@ -8,6 +8,7 @@ the layer): :meth:`Method.get_plan` builds and checks them once per key and cach
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,3 +164,27 @@ def method_class(name: str) -> type[Method]:
 def get_method(name: str, **params: Any) -> Method:
     """Instantiate a registered method: ``get_method("window", window=(1, 1, 1))``."""
     return method_class(name)(make_config(name, params))
+
+
+def parse_value(text: str) -> Any:
+    """A hyper-parameter value from text: a Python literal (``0.2``, ``1,1,1`` → tuple, ``True``) or else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"window:window=1,1,1;tile=2,8,8"`` → ``("window", {"window": (1, 1, 1), "tile": (2, 8, 8)})``.
+
+    The name and the parameters are checked against the registry (clear errors for unknown ones).
+    """
+    name, _, rest = spec.strip().partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad method setting {item!r} in {spec!r}: write NAME:key=value;key=value")
+        params[key.strip()] = parse_value(value.strip())
+    make_config(name, params)  # validates the name, the keys and the values
+    return name, params
