@@ -1,1 +1,53 @@
-"""One adapter per Diffusers model family."""
+"""One adapter per Diffusers model family: token layout, self-attention modules, native processors."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+from .cogvideox import CogVideoXAdapter
+from .hunyuan_video import HunyuanVideoAdapter
+from .ltx import LTXAdapter
+from .mochi import MochiAdapter
+from .wan import WanAdapter
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    a.model_class: a for a in (WanAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(), LTXAdapter(), MochiAdapter())
+}
+
+
+def supported_models() -> list[str]:
+    """Class names of the supported Diffusers transformers."""
+    return sorted(ADAPTERS)
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter | None:
+    """The adapter of ``model``'s class, else None (exact Diffusers classes only: a subclass may change the tokens)."""
+    cls = type(model)
+    adapter = ADAPTERS.get(cls.__name__)
+    return adapter if adapter is not None and cls.__module__.startswith("diffusers.") else None
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``; a clear error listing the supported classes otherwise."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise TypeError(
+            f"dit_sparse does not support {type(model).__name__}; supported transformers: "
+            f"{', '.join(supported_models())}"
+        )
+    return adapter
+
+
+__all__ = [
+    "ADAPTERS",
+    "CogVideoXAdapter",
+    "HunyuanVideoAdapter",
+    "LTXAdapter",
+    "MochiAdapter",
+    "ModelAdapter",
+    "WanAdapter",
+    "adapter_for",
+    "find_adapter",
+    "supported_models",
+]

@@ -1,0 +1,336 @@
+"""SparseProcessor: wraps a model's own attention processor and reroutes only its self-attention SDPA call.
+
+The native processor runs unchanged (projections, norms, RoPE, output projection stay the model's own); a
+``TorchFunctionMode`` active only during that call catches ``F.scaled_dot_product_attention`` (q, k, v in
+``[B, H, N, D]``, as both direct callers and Diffusers' SDPA-based backends pass them). A self-attention call over the
+transformer's video (+ joint text) tokens goes to the method and the block-sparse kernel; anything else (cross-attention,
+short text attention) passes through. Dense warm-up steps, dense layers and short sequences are decided here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dit_sparse.kernels.api import BACKENDS, block_sparse_attention
+from dit_sparse.layout import TokenLayout
+from dit_sparse.methods import get_method
+from dit_sparse.plan import BlockPlan
+from dit_sparse.state import (
+    Frame,
+    GlobalHooks,
+    LayerStats,
+    StepContext,
+    Timer,
+    current_frame,
+    resolve_frame,
+)
+
+DEFAULT_METHOD = "dense"
+"""The method ``SparseProcessor()`` and ``dit_sparse.apply(pipe)`` use when none is named."""
+
+# Union of the native processors' parameters (Wan, CogVideoX, HunyuanVideo, LTX, Mochi, AttnProcessor2_0): legacy
+# ``Attention`` and ``LTXAttention`` drop every keyword the processor's signature does not name (RoPE included).
+_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter("attn", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("hidden_states", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+            for name in ("encoder_hidden_states", "attention_mask", "image_rotary_emb", "rotary_emb", "temb")
+        ),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
+
+def _sdpa_args(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple:
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+@functools.cache
+def _accepted(cls: type) -> frozenset[str] | None:
+    """Keyword names ``cls.__call__`` accepts (None: any, it takes ``**kwargs``)."""
+    params = inspect.signature(cls.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+_DENSITY: weakref.WeakKeyDictionary[BlockPlan, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def plan_density(plan: BlockPlan) -> torch.Tensor:
+    """:meth:`BlockPlan.density` as a 0-d tensor on the plan's device (no host sync); cached per plan object."""
+    d = _DENSITY.get(plan)
+    if d is None:
+        mask = plan.block_mask().float()
+        n = plan.seq_len
+        rows = torch.full((plan.num_q_blocks,), float(plan.block_q), device=plan.device)
+        rows[-1] = n - plan.block_q * (plan.num_q_blocks - 1)
+        cols = torch.full((plan.num_kv_blocks,), float(plan.block_kv), device=plan.device)
+        cols[-1] = n - plan.block_kv * (plan.num_kv_blocks - 1)
+        d = _DENSITY[plan] = torch.einsum("bhqk,q,k->bh", mask, rows, cols).mean() / (n * n)
+    return d
+
+
+class SparseProcessor:
+    """Attention processor that makes a video transformer's self-attention block-sparse.
+
+    One instance may serve every attention module (``transformer.set_attn_processor(SparseProcessor("window"))``):
+    its state is keyed by the module it is called with. Cross-attention and text-only attention pass through.
+
+    Args:
+        method: registered method name (``dit_sparse.available_methods()``); default :data:`DEFAULT_METHOD`.
+        backend: kernel backend, ``auto`` / ``triton`` / ``flex`` / ``reference``.
+        error_sample: every n-th self-attention layer also runs exact attention and records the relative L2 error
+            of the output and the LSE (0: off).
+        **params: the method's hyper-parameters (its config dataclass; policy fields ``block_size``,
+            ``dense_steps``, ``dense_layers``, ``min_seq_len`` included).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, method: str = DEFAULT_METHOD, *, backend: str = "auto", error_sample: int = 0, **params: Any):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not isinstance(error_sample, int) or error_sample < 0:
+            raise ValueError(f"error_sample must be an int >= 0 (0 = off), got {error_sample!r}")
+        self.method = get_method(method, **params)
+        self.backend = backend
+        self.error_sample = error_sample
+        self._natives: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+        self._full_plans: dict[tuple, BlockPlan] = {}
+        GlobalHooks.acquire()
+        weakref.finalize(self, GlobalHooks.release)
+
+    def __repr__(self) -> str:
+        return f"SparseProcessor({self.method!r}, backend={self.backend!r})"
+
+    # ---------------------------------------------------------------- wrapped processors
+    def bind(self, module: nn.Module, native: Any) -> None:
+        """Use ``native`` (the module's own processor object) for ``module``."""
+        self._natives[module] = native
+
+    def native_of(self, module: nn.Module) -> Any | None:
+        return self._natives.get(module)
+
+    def _native(self, module: nn.Module, name: str, adapter: Any) -> Any:
+        native = self._natives.get(module)
+        if native is None:
+            native = self._natives[module] = adapter.native_processor(name, module)
+        for attr in ("_attention_backend", "_parallel_config"):
+            if attr in self.__dict__ and hasattr(native, attr):
+                setattr(native, attr, self.__dict__[attr])
+        return native
+
+    # ---------------------------------------------------------------- the call
+    def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        entry = current_frame()
+        if entry is None:
+            from dit_sparse.pipelines import supported_models
+
+            raise TypeError(
+                f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
+                f"transformer; supported transformers: {', '.join(supported_models())}"
+            )
+        frame = resolve_frame(entry)
+        tracker = frame.tracker
+        name, index = tracker.layer_info(attn)
+        native = self._native(attn, name, tracker.adapter)
+        accepted = _accepted(type(native))
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        if index is None:
+            return native(attn, *args, **kwargs)
+        router = _SDPARouter(self, frame, name, index)
+        with router:
+            out = native(attn, *args, **kwargs)
+        if router.seen == 0:
+            raise RuntimeError(self._no_sdpa_message(name, native))
+        return out
+
+    @staticmethod
+    def _no_sdpa_message(name: str, native: Any) -> str:
+        backend = getattr(native, "_attention_backend", None)
+        if backend is None:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            backend = _AttentionBackendRegistry._active_backend
+        backend = getattr(backend, "value", backend)
+        return (
+            f"dit_sparse: self-attention module {name!r} made no torch scaled_dot_product_attention call: its "
+            f"Diffusers attention backend is {backend!r} (pinned with set_attention_backend(...), the "
+            "attention_backend(...) context or DIFFUSERS_ATTN_BACKEND). dit_sparse reroutes SDPA-based backends only: "
+            "use transformer.set_attention_backend('native') (or another _native_* backend) while dit_sparse is applied"
+        )
+
+    # ---------------------------------------------------------------- one SDPA call
+    def attention(self, router: _SDPARouter, func: Any, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Route one SDPA call of a self-attention module: sparse path, dense policy, or pass-through."""
+        q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(*args, **kwargs)
+        frame = router.frame
+        if q.dim() != 4 or k.dim() != 4 or q.shape[-2] != k.shape[-2]:
+            return func(*args, **kwargs)
+        layout = frame.layout_for(q.shape[0], q.shape[-2])
+        if layout is None:
+            lay = frame.layout
+            raise RuntimeError(
+                f"dit_sparse: self-attention {router.layer!r} attends {q.shape[-2]} tokens but the "
+                f"{frame.tracker.adapter.family} layout of this forward has {lay.video_len} video tokens "
+                f"(grid {lay.grid}) and {lay.text_len} text tokens; this model variant (or context-parallel ring "
+                "attention) is not supported"
+            )
+        tracker = frame.tracker
+        stats = tracker.stats.layer(router.layer)
+        start = Timer.start(q.device)
+        kv_len = self._extras(router.layer, tracker.adapter, q, k, mask, dropout_p, is_causal, enable_gqa)
+        method, cfg = self.method, self.method.config
+        if method.name not in tracker.stats.methods:
+            tracker.stats.methods[method.name] = method.describe()
+        step, index = frame.step, router.index
+        dense = method.name != "dense" and (
+            step < cfg.dense_steps or index < cfg.dense_layers or layout.seq_len < cfg.min_seq_len
+        )
+        if dense:
+            out = func(*args, **kwargs)
+            stats.dense_calls += 1
+        else:
+            ctx = StepContext(
+                step, frame.timestep, frame.cfg_pass, router.layer, index, layout,
+                tracker.state.layer_cache(router.layer, frame.cfg_pass),
+            )  # fmt: skip
+            out, lse = self._sparse(q, k, v, layout, ctx, scale, kv_len, stats)
+            stats.sparse_calls += 1
+        stats.calls += 1
+        stats.timer.stop(start)
+        if not dense and self.error_sample > 0 and index % self.error_sample == 0:  # measured outside attention_ms
+            self._record_error(q, k, v, out, lse, scale, kv_len, stats)
+        return out
+
+    def _extras(
+        self,
+        layer: str,
+        adapter: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        mask: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        enable_gqa: bool,
+    ) -> torch.Tensor | None:
+        """Check what the SDPA call carries besides q/k/v; the key-padding length when it has a padding mask."""
+        if dropout_p > 0.0 or is_causal:
+            raise NotImplementedError(
+                f"dit_sparse: self-attention {layer!r} asks for dropout_p={dropout_p}, is_causal={is_causal}; sparse "
+                "attention supports neither (use the model in eval mode, or dit_sparse.remove it)"
+            )
+        if enable_gqa and q.shape[1] != k.shape[1]:
+            raise NotImplementedError(
+                f"dit_sparse: self-attention {layer!r} uses grouped-query attention (unsupported)"
+            )
+        if mask is None:
+            return None
+        b, n = q.shape[0], q.shape[-2]
+        if (
+            adapter.key_padding_mask
+            and mask.dtype == torch.bool
+            and mask.dim() == 4
+            and mask.shape[1:] == (1, 1, n)
+            and mask.shape[0] in (1, b)
+        ):
+            # the model builds this mask as "key index < video_len + valid text" (HunyuanVideo forward)
+            return mask.reshape(mask.shape[0], n).sum(-1, dtype=torch.int32).expand(b).contiguous()
+        raise NotImplementedError(
+            f"dit_sparse: self-attention {layer!r} got an attention mask of shape {tuple(mask.shape)} and dtype "
+            f"{mask.dtype}; only a boolean (B, 1, 1, N) key-padding mask of a padded text suffix is supported "
+            f"({adapter.family} passes another kind): run this model without dit_sparse"
+        )
+
+    def _sparse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        ctx: StepContext,
+        scale: float | None,
+        kv_len: torch.Tensor | None,
+        stats: LayerStats,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The method's output, and the LSE of its last kernel call when errors are sampled (density recorded)."""
+        sample = self.error_sample > 0 and ctx.layer_index % self.error_sample == 0
+        last: dict[str, Any] = {}
+        backend = self.backend
+
+        def kernel(q_, k_, v_, plan: BlockPlan, return_lse: bool = False):
+            res = block_sparse_attention(
+                q_, k_, v_, plan, scale=scale, return_lse=return_lse or sample, backend=backend, kv_len=kv_len
+            )
+            out, lse = res if (return_lse or sample) else (res, None)
+            last["plan"], last["lse"] = plan, lse
+            return out, (lse if return_lse else None)
+
+        out = self.method.attend(q, k, v, layout, ctx, kernel)
+        tokens = q.shape[0] * q.shape[-2]
+        if "plan" in last:
+            stats.density_sum = stats.density_sum + plan_density(last["plan"]) * tokens
+            stats.tokens += tokens
+        return out, last.get("lse")
+
+    def _record_error(self, q, k, v, out, lse, scale, kv_len, stats: LayerStats) -> None:
+        """Relative L2 error of the output and the LSE against exact attention (same backend, full plan)."""
+        n, block = q.shape[-2], self.method.config.block_size
+        key = (n, block, q.device)
+        full = self._full_plans.get(key)
+        if full is None:
+            full = self._full_plans[key] = BlockPlan.full(n, block, device=q.device)
+        ref, ref_lse = block_sparse_attention(
+            q, k, v, full, scale=scale, return_lse=True, backend=self.backend, kv_len=kv_len
+        )
+        ref32, out, ref_lse = ref.detach().float(), out.detach(), ref_lse.detach()
+        stats.out_err.append((out.float() - ref32).norm() / ref32.norm().clamp_min(1e-30))
+        if lse is not None:
+            lse = lse.detach()
+            ok = torch.isfinite(lse) & torch.isfinite(ref_lse)
+            diff = torch.where(ok, lse - ref_lse, 0.0)
+            stats.lse_err.append(diff.norm() / torch.where(ok, ref_lse, 0.0).norm().clamp_min(1e-30))
+
+
+# inspect.signature(processor.__call__) -> the union of the native processors' parameters (see _SIGNATURE)
+SparseProcessor.__call__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_SIGNATURE.parameters.values()]
+)
+
+
+class _SDPARouter(TorchFunctionMode):
+    """Active only while a native processor runs: hands its SDPA calls to :meth:`SparseProcessor.attention`."""
+
+    def __init__(self, processor: SparseProcessor, frame: Frame, layer: str, index: int) -> None:
+        super().__init__()
+        self.processor, self.frame, self.layer, self.index = processor, frame, layer, index
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.seen += 1
+        return self.processor.attention(self, func, args, kwargs)

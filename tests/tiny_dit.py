@@ -1,0 +1,147 @@
+"""Tiny random video transformers of the five supported families (Diffusers' own test sizes, larger latent grids
+so that sparse plans have several blocks) and their forward inputs. No downloads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+FAMILIES = ("wan", "cogvideox", "hunyuan_video", "ltx", "mochi")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def wan(batch: int = 1) -> tuple[nn.Module, dict[str, Any]]:
+    """Grid 4×8×8 = 256 video tokens, text by cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    g = _gen(1)
+    inputs = {
+        "hidden_states": torch.randn(batch, 16, 4, 16, 16, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def cogvideox(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """CogVideoX 1.5-style (RoPE, patch_size_t=2): grid 2×8×8 = 128 video tokens after 16 text tokens (prefix)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    ).eval()  # fmt: skip
+    g = _gen(2)
+    n_video = 2 * 8 * 8
+    inputs = {
+        "hidden_states": torch.randn(batch, 4, 4, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "image_rotary_emb": (torch.randn(n_video, 16, generator=g), torch.randn(n_video, 16, generator=g)),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def hunyuan_video(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Grid 4×8×8 = 256 video tokens then 12 text tokens (suffix), padded differently per sample."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()  # fmt: skip
+    g = _gen(3)
+    mask = torch.ones(batch, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    if batch > 1:
+        mask[1, 5:] = 0
+    inputs = {
+        "hidden_states": torch.randn(batch, 4, 4, 8, 8, generator=g),
+        "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "encoder_hidden_states": torch.randn(batch, 12, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(batch, 8, generator=g),
+        "guidance": torch.full((batch,), 3.0),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def ltx(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Packed tokens of a 4×8×8 latent grid, text by cross-attention."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=32,
+    ).eval()  # fmt: skip
+    g = _gen(4)
+    inputs = {
+        "hidden_states": torch.randn(batch, 4 * 8 * 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "encoder_attention_mask": torch.ones(batch, 16, dtype=torch.long),
+        "num_frames": 4,
+        "height": 8,
+        "width": 8,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def mochi(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Grid 4×8×8 = 256 video tokens then up to 16 text tokens (suffix), padded text dropped per sample."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=16,
+    ).eval()  # fmt: skip
+    g = _gen(5)
+    mask = torch.ones(batch, 16, dtype=torch.long)
+    mask[0, 11:] = 0
+    if batch > 1:
+        mask[1, 6:] = 0
+    inputs = {
+        "hidden_states": torch.randn(batch, 12, 4, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "encoder_attention_mask": mask,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
+    "wan": wan,
+    "cogvideox": cogvideox,
+    "hunyuan_video": hunyuan_video,
+    "ltx": ltx,
+    "mochi": mochi,
+}
+
+
+def run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
