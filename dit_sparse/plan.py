@@ -164,14 +164,17 @@ class BlockPlan:
 
     def density(self) -> float:
         """Fraction of the N×N attention matrix computed (exact token counts, tails included; skipped heads = 0)."""
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> torch.Tensor:
+        """:meth:`density` as a 0-d float tensor on the plan's device (no host sync)."""
         mask = self.block_mask().float()
         n = self.seq_len
         rows = torch.full((self.num_q_blocks,), float(self.block_q), device=self.device)
         rows[-1] = n - self.block_q * (self.num_q_blocks - 1)
         cols = torch.full((self.num_kv_blocks,), float(self.block_kv), device=self.device)
         cols[-1] = n - self.block_kv * (self.num_kv_blocks - 1)
-        computed = torch.einsum("bhqk,q,k->bh", mask, rows, cols)
-        return float(computed.mean() / (n * n))
+        return torch.einsum("bhqk,q,k->bh", mask, rows, cols).mean() / (n * n)
 
     def to_dense_mask(self) -> torch.Tensor:
         """Boolean ``[B, H, N, N]`` in the ORIGINAL token order (tests and small inputs only)."""

@@ -77,16 +77,10 @@ _DENSITY: weakref.WeakKeyDictionary[BlockPlan, torch.Tensor] = weakref.WeakKeyDi
 
 
 def plan_density(plan: BlockPlan) -> torch.Tensor:
-    """:meth:`BlockPlan.density` as a 0-d tensor on the plan's device (no host sync); cached per plan object."""
+    """:meth:`BlockPlan.density_tensor`, cached per plan object (static plans are reused every call)."""
     d = _DENSITY.get(plan)
     if d is None:
-        mask = plan.block_mask().float()
-        n = plan.seq_len
-        rows = torch.full((plan.num_q_blocks,), float(plan.block_q), device=plan.device)
-        rows[-1] = n - plan.block_q * (plan.num_q_blocks - 1)
-        cols = torch.full((plan.num_kv_blocks,), float(plan.block_kv), device=plan.device)
-        cols[-1] = n - plan.block_kv * (plan.num_kv_blocks - 1)
-        d = _DENSITY[plan] = torch.einsum("bhqk,q,k->bh", mask, rows, cols).mean() / (n * n)
+        d = _DENSITY[plan] = plan.density_tensor()
     return d
 
 
