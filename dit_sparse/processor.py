@@ -269,25 +269,32 @@ class SparseProcessor:
         kv_len: torch.Tensor | None,
         stats: LayerStats,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The method's output, and the LSE of its last kernel call when errors are sampled (density recorded)."""
+        """The method's output, and its LSE when errors are sampled and one kernel call covered every head.
+
+        A method may launch the kernel several times per call (svdit: one launch per group of heads sharing a
+        token order): the recorded density is the head-weighted sum of the launches' plan densities.
+        """
         sample = self.error_sample > 0 and ctx.layer_index % self.error_sample == 0
-        last: dict[str, Any] = {}
+        heads = q.shape[1]
+        density: list[torch.Tensor] = []
+        lse_all: list[torch.Tensor] = []
         backend = self.backend
 
         def kernel(q_, k_, v_, plan: BlockPlan, return_lse: bool = False):
-            res = block_sparse_attention(
-                q_, k_, v_, plan, scale=scale, return_lse=return_lse or sample, backend=backend, kv_len=kv_len
-            )
-            out, lse = res if (return_lse or sample) else (res, None)
-            last["plan"], last["lse"] = plan, lse
+            want = return_lse or sample
+            res = block_sparse_attention(q_, k_, v_, plan, scale=scale, return_lse=want, backend=backend, kv_len=kv_len)
+            out, lse = res if want else (res, None)
+            density.append(plan_density(plan) * (q_.shape[1] / heads))
+            if lse is not None and q_.shape[1] == heads:
+                lse_all.append(lse)
             return out, (lse if return_lse else None)
 
         out = self.method.attend(q, k, v, layout, ctx, kernel)
-        tokens = q.shape[0] * q.shape[-2]
-        if "plan" in last:
-            stats.density_sum = stats.density_sum + plan_density(last["plan"]) * tokens
+        if density:
+            tokens = q.shape[0] * q.shape[-2]
+            stats.density_sum = stats.density_sum + sum(density) * tokens
             stats.tokens += tokens
-        return out, last.get("lse")
+        return out, (lse_all[-1] if len(lse_all) == 1 and len(density) == 1 else None)
 
     def _record_error(self, q, k, v, out, lse, scale, kv_len, stats: LayerStats) -> None:
         """Relative L2 error of the output and the LSE against exact attention (same backend, full plan)."""

@@ -1,0 +1,202 @@
+"""Attention-layer speed of each static method against dense SDPA at Wan2.1-1.3B shapes (GPU, one run).
+
+Run on the device (CUDA):
+
+    python benchmarks/methods.py                  # writes benchmarks/results/methods-<date>.{json,md}
+    python benchmarks/methods.py --backends triton,flex --repeats 50
+    python benchmarks/methods.py --dry-run        # CPU smoke test of this script (tiny shape, reference backend)
+
+Shapes: Wan2.1-1.3B at 81 frames, B=1, H=12, D=128, bf16; 480p = 21×30×52 latent grid (32,760 tokens), 720p =
+21×45×80 (75,600 tokens). q/k/v are handed as the BHND view of BNHD memory, as Diffusers does.
+For every method (defaults; for ``svdit`` every head in one mode, plus a mixed layer exercising head fusion with a
+multi-diagonal group, a plain group and skipped heads) it times ``method.attend`` with the block-sparse kernel
+(plan built and cached before timing; the token permutation included), and reports the plan density, the median
+time over ``repeats`` (CUDA events, warm-up excluded), the speedup over dense SDPA (the backend torch picks) of
+the same run, the one-time plan build time, and the relative L2 error against dense attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dit_sparse.kernels import block_sparse_attention
+
+from dit_sparse.layout import TokenLayout
+from dit_sparse.methods import get_method
+from dit_sparse.methods.svdit import save_config
+from dit_sparse.state import StepContext
+
+SHAPES = {"wan2.1-1.3b-480p": (21, 30, 52), "wan2.1-1.3b-720p": (21, 45, 80)}
+DRY_RUN_SHAPES = {"dry-run": (3, 4, 6)}
+HEADS, HEAD_DIM = 12, 128
+MIXED = ["dense", "diagonal", "diagonal", "multi_diagonal", "multi_diagonal", "vertical_stripe",
+         "vertical_stripe", "diagonal", "multi_diagonal", "skip", "vertical_stripe", "diagonal"]  # fmt: skip
+
+
+def methods_to_run(tmp: Path, heads: int, block: int | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Label -> (method name, params). svdit configs are written to ``tmp``."""
+    runs: dict[str, tuple[str, dict[str, Any]]] = {"window": ("window", {}), "radial": ("radial", {})}
+    mixed = (MIXED * (heads // len(MIXED) + 1))[:heads]
+    for label, modes in [
+        ("svdit:diagonal", ["diagonal"] * heads),
+        ("svdit:multi_diagonal", ["multi_diagonal"] * heads),
+        ("svdit:vertical_stripe", ["vertical_stripe"] * heads),
+        ("svdit:mixed", mixed),
+    ]:
+        path = tmp / f"{label.replace(':', '-')}.json"
+        params = {} if block is None else {"block_size": block}
+        save_config({"format": "dit-sparse/svdit", "version": 1, "heads": heads, "layers": {"0": modes},
+                     "params": params}, path)  # fmt: skip
+        runs[label] = ("svdit", {"config": str(path)})
+    if block is not None:
+        for name, params in runs.values():
+            if name == "radial":
+                params.update(block_size=block, min_window=block)
+            elif name == "window":
+                params.update(block_size=block, tile=(1, 2, block // 2))
+    return runs
+
+
+def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if not args.dry_run else "cpu")
+    dtype = torch.bfloat16 if not args.dry_run else torch.float32
+    shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
+    heads, head_dim = (HEADS, 16) if args.dry_run else (HEADS, HEAD_DIM)
+    block = 8 if args.dry_run else None
+    backends = ["reference"] if args.dry_run else args.backends.split(",")
+    tmp = Path(args.out) / ".methods-configs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "python": platform.python_version(),
+        "batch": 1,
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": str(dtype),
+        "repeats": args.repeats,
+        "rows": [],
+    }
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape_name, (t, h, w) in shapes.items():
+        layout = TokenLayout(t, h, w)
+        n = layout.seq_len
+        qkv = [torch.randn(1, n, heads, head_dim, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3)]
+        q, k, v = qkv
+        dense_ms = timed(partial(F.scaled_dot_product_attention, q, k, v), args.repeats, args.warmup, device)
+        ref = F.scaled_dot_product_attention(q, k, v).float()
+        results["rows"].append(dict(shape=shape_name, tokens=n, method="dense SDPA", backend="sdpa", density=1.0,
+                                    ms=dense_ms, speedup=1.0, plan_ms=0.0, rel_l2=0.0))  # fmt: skip
+        print(f"{shape_name}: N={n} dense SDPA {dense_ms:.3f} ms", flush=True)
+        for label, (name, params) in methods_to_run(tmp, heads, block).items():
+            for backend in backends:
+                method = get_method(name, **params)
+                ctx = StepContext(40, None, "cond", "blocks.0.attn1", 0, layout)
+                plans: list = []
+
+                def kernel(q_, k_, v_, plan, return_lse=False, backend=backend, plans=plans):
+                    plans.append((plan, q_.shape[1]))
+                    res = block_sparse_attention(q_, k_, v_, plan, return_lse=return_lse, backend=backend)
+                    return res if return_lse else (res, None)
+
+                t0 = time.perf_counter()
+                out = method.attend(q, k, v, layout, ctx, kernel)  # builds and caches the plan(s)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                plan_ms = (time.perf_counter() - t0) * 1e3
+                density = sum(p.density() * hp for p, hp in plans) / heads  # skipped heads count 0
+                launches = len(plans)
+                rel = float((out.float() - ref).norm() / ref.norm())
+                ms = timed(partial(method.attend, q, k, v, layout, ctx, kernel), args.repeats, args.warmup, device)
+                row = dict(shape=shape_name, tokens=n, method=label, backend=backend, density=density, ms=ms,
+                           speedup=dense_ms / ms, plan_ms=plan_ms, rel_l2=rel, launches=launches)  # fmt: skip
+                results["rows"].append(row)
+                print(f"  {label:<22} {backend:<9} density {density:.3f}  {ms:8.3f} ms  x{dense_ms / ms:5.2f}  "
+                      f"launches {launches}  rel_l2 {rel:.3f}", flush=True)  # fmt: skip
+    return results
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    lines = [
+        f"# Static methods vs dense SDPA — {results['date']}",
+        "",
+        f"- device: {results['device']}; torch {results['torch']}; triton {results['triton']}; "
+        f"diffusers {results['diffusers']}; python {results['python']}",
+        f"- B={results['batch']}, H={results['heads']}, D={results['head_dim']}, {results['dtype']}, median of "
+        f"{results['repeats']} (CUDA events, warm-up excluded); plan built once before timing",
+        f"- command: `{results['command']}`",
+        "",
+        "| shape | tokens | method | backend | density | ms | speedup vs SDPA | launches | plan build ms | rel L2 |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['method']} | {r['backend']} | {r['density']:.3f} | {r['ms']:.3f} "
+            f"| {r['speedup']:.2f} | {r.get('launches', '')} | {r['plan_ms']:.1f} | {r['rel_l2']:.3f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="triton", help="comma-separated kernel backends (triton, flex)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--dry-run", action="store_true", help="tiny CPU run of this script (no GPU numbers)")
+    args = ap.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("benchmarks/methods.py needs CUDA (use --dry-run to smoke-test it on CPU)")
+    results = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"methods-{'dry-run-' if args.dry_run else ''}{dt.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, stem.with_suffix(".md"))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
