@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dit_sparse.kernels import block_sparse_attention
 
+from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import get_method
 from dit_sparse.methods.svdit import save_config

@@ -11,8 +11,9 @@ import warnings
 import weakref
 
 import torch
-from dit_sparse.kernels.api import skip_head_mask
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from dit_sparse.kernels.api import skip_head_mask
 
 try:  # torch >= 2.9 returns the LSE through AuxRequest (return_lse is deprecated there)
     from torch.nn.attention.flex_attention import AuxRequest

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_sparse.pipelines import adapter_for, supported_models
 from tiny_dit import BUILDERS, FAMILIES, run
 
 import dit_sparse
 from dit_sparse.layout import TokenLayout
+from dit_sparse.pipelines import adapter_for, supported_models
 from dit_sparse.processor import SparseProcessor
 from dit_sparse.state import get_tracker
 

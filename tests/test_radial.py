@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from dit_sparse.kernels import block_sparse_attention
 
+from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import get_method
 from dit_sparse.methods.radial import RadialConfig, radial_block_mask

@@ -1,0 +1,430 @@
+"""Kernel benchmark: the Triton block-sparse kernel against dense SDPA and FlexAttention on identical plans (GPU).
+
+Run on the device (CUDA):
+
+    python benchmarks/kernels.py                       # full table, writes benchmarks/results/kernels-<date>.{json,md}
+    python benchmarks/kernels.py --check               # GPU correctness suite on small shapes first, then the table
+    python benchmarks/kernels.py --shapes 12x32760x128 --densities 1,0.25,0.05
+
+For every shape (B=1, bf16, q/k/v handed as the BHND view of BNHD memory, as Diffusers does) and every plan (random
+block plans at the given densities, every row keeping its diagonal block, and a radial-like plan whose band narrows
+with frame distance) it reports the median time (``triton.testing.do_bench``, warm-up and autotuning excluded),
+the effective TFLOP/s ``4·B·H·N²·D·density / time`` (density = the plan's exact computed fraction), and the ratios
+to dense SDPA (the backend torch picks; cuDNN forced too) and to compiled FlexAttention on the same BlockMask.
+Also: the one-time plan preprocessing cost, and the cost of the token permutation (the same plan with a random
+``perm``, against the same plan without one, and against an ``index_select`` of q/k/v + inverse on the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.plan import HEAD_SKIP, BlockPlan
+
+# (heads, seq_len, head_dim, frames): frames only shape the radial-like plan (Wan 480p/720p 81 frames, CogVideoX)
+SHAPES = {"12x32760x128": (12, 32760, 128, 21), "24x75600x128": (24, 75600, 128, 21), "48x17550x64": (48, 17550, 64, 13)}
+DRY_RUN_SHAPES = {"2x700x64": (2, 700, 64, 3)}  # CPU dry run of this script (TRITON_INTERPRET=1)
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+BLOCK = 128
+
+
+def random_plan(heads: int, n: int, density: float, gen: torch.Generator, device: str) -> BlockPlan:
+    """Every (head, query block) keeps its diagonal block plus random others: round(density·Mk) blocks a row."""
+    m = -(-n // BLOCK)
+    if density >= 1.0:
+        return BlockPlan.from_block_mask(torch.ones(1, 1, m, m, dtype=torch.bool, device=device), n, BLOCK)
+    keep = max(1, round(density * m))
+    scores = torch.rand(heads, m, m, generator=gen, device="cpu")
+    scores[:, torch.arange(m), torch.arange(m)] = 2.0  # the diagonal always wins
+    idx = scores.topk(keep, dim=-1).indices
+    mask = torch.zeros(heads, m, m, dtype=torch.bool).scatter_(-1, idx, True)
+    return BlockPlan.from_block_mask(mask.unsqueeze(0).to(device), n, BLOCK)
+
+
+def radial_plan(n: int, frames: int, device: str) -> BlockPlan:
+    """Radial-like static plan: full attention inside a frame, a spatial band that halves each time the frame
+    distance doubles (|Δs| <= F / 2^ceil(log2(Δt + 1)) / 2, F = tokens per frame), kept at block granularity."""
+    m = -(-n // BLOCK)
+    per_frame = n // frames
+    centers = torch.arange(m, dtype=torch.float64) * BLOCK + BLOCK / 2
+    t = (centers // per_frame).clamp(max=frames - 1)
+    s = centers - t * per_frame
+    dt_ = (t[:, None] - t[None, :]).abs()
+    width = per_frame / torch.exp2(torch.ceil(torch.log2(dt_ + 1)))
+    mask = (s[:, None] - s[None, :]).abs() <= width / 2 + BLOCK
+    mask |= torch.eye(m, dtype=torch.bool)
+    return BlockPlan.from_block_mask(mask.to(device), n, BLOCK)
+
+
+def bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds (CUDA events via do_bench; a host clock for the CPU dry run)."""
+    if not torch.cuda.is_available():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------- GPU correctness
+def check_suite(dev: str = "cuda") -> list[dict]:
+    """Small shapes on the GPU against the reference backend: every feature, pointer and TMA paths, every config."""
+    from dit_sparse.kernels.triton_attention import KernelConfig, candidate_configs, triton_block_attention
+
+    rows = []
+    g = torch.Generator().manual_seed(1)
+
+    def one(b, h, n, d, block, dtype, perm, skip, kvlen, bcast, layout, cfg):
+        mq = -(-n // block)
+        mask = torch.rand(1 if bcast else b, 1 if bcast else h, mq, mq, generator=g) < 0.3
+        mask |= torch.eye(mq, dtype=torch.bool)
+        p = torch.randperm(n, generator=g).to(dev) if perm else None
+        hm = tuple(HEAD_SKIP if i == 1 else 0 for i in range(h)) if skip else None
+        plan = BlockPlan.from_block_mask(mask.to(dev), n, block, perm=p, head_mode=hm).check()
+        if layout == "bnhd":
+            q, k, v = (torch.randn(b, n, h, d, generator=g).to(dev, dtype).permute(0, 2, 1, 3) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(b, h, n, d, generator=g).to(dev, dtype) for _ in range(3))
+        kl = torch.tensor([n, n - 60][:b], device=dev) if kvlen else None
+        o, lse = triton_block_attention(q, k, v, plan, d**-0.5, True, kl, config=cfg)
+        ro, rl = block_sparse_attention(q, k, v, plan, backend="reference", return_lse=True, kv_len=kl)
+        fin = torch.isfinite(rl)
+        ok_inf = bool(torch.equal(torch.isfinite(lse), fin))
+        err = rel_err(o, ro)
+        lerr = float((lse[fin] - rl[fin]).abs().max()) if fin.any() else 0.0
+        passed = ok_inf and err < (2e-2 if dtype == torch.bfloat16 else 5e-3) and lerr < 1e-2 and bool(torch.isfinite(o).all())
+        row = dict(b=b, h=h, n=n, d=d, block=block, dtype=str(dtype), perm=perm, skip=skip, kv_len=kvlen, bcast=bcast,
+                   layout=layout, config=str(cfg), rel_err=err, lse_err=lerr, passed=passed)
+        rows.append(row)
+        print(("PASS " if passed else "FAIL ") + json.dumps(row), flush=True)
+
+    for d in (128, 64):
+        for cfg in candidate_configs(d, torch.bfloat16):
+            try:
+                one(2, 3, 1000 if dev == "cuda" else 200, d, 128, torch.bfloat16, False, False, False, False, "bnhd", cfg)
+            except Exception as e:  # report, keep going
+                rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
+                print("ERROR", d, cfg, e, flush=True)
+    base = KernelConfig(128, 64, 4, 3)
+    tma = KernelConfig(128, 64, 4, 3, True)
+    for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
+        if True:
+            for cfg in (base, tma):
+                for perm, skip, kvlen, bcast, layout in [
+                    (False, False, False, False, "bhnd"),
+                    (True, False, False, False, "bnhd"),
+                    (False, True, True, False, "bnhd"),
+                    (True, True, True, True, "bnhd"),
+                    (False, False, True, True, "bhnd"),
+                ]:
+                    if cfg.tma and perm:
+                        continue
+                    try:
+                        one(2, 3, 777 if dev == "cuda" else 170, d, 128, dtype, perm, skip, kvlen, bcast, layout, cfg)
+                    except Exception as e:
+                        rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
+                        print("ERROR", e, flush=True)
+    try:  # float32 path and a small plan block (64)
+        one(1, 2, 300, 64, 64, torch.float32, True, False, True, False, "bnhd", None)
+    except Exception as e:
+        rows.append(dict(error=f"fp32: {type(e).__name__}: {e}"[:500], passed=False))
+        print("ERROR fp32", e, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+def run_shape(name: str, densities: list[float], args, results: dict) -> None:
+    from dit_sparse.kernels import flex as flex_mod
+    from dit_sparse.kernels import triton_attention as ta
+
+    heads, n, d, frames = {**SHAPES, **DRY_RUN_SHAPES}[name]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    # the layout Diffusers hands to attention: a BHND view of BNHD memory
+    q, k, v = (torch.randn(1, n, heads, d, device=dev, dtype=dtype).permute(0, 2, 1, 3) for _ in range(3))
+    flops_dense = 4 * heads * n * n * d
+    out = {"shape": dict(B=1, H=heads, N=n, D=d), "rows": []}
+    results["shapes"].append(out)
+
+    # dense SDPA: whatever torch picks, and cuDNN explicitly
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if dev == "cpu":
+        args.no_flex = True
+    sdpa = {}
+    for label, backends in (("auto", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("flash", [SDPBackend.FLASH_ATTENTION])):
+        try:
+            if backends is None:
+                fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            else:
+                def fn(backends=backends):
+                    with sdpa_kernel(backends):
+                        return F.scaled_dot_product_attention(q, k, v)
+            fn()
+            sdpa[label] = bench(fn)
+        except Exception as e:
+            sdpa[label] = None
+            print(f"sdpa {label} failed: {e}", flush=True)
+    out["sdpa_ms"] = sdpa
+    sdpa_ref = sdpa["auto"]
+    print(f"\n== {name}: SDPA auto {sdpa['auto']} ms, cudnn {sdpa['cudnn']} ms, flash {sdpa['flash']} ms", flush=True)
+    dense_out = F.scaled_dot_product_attention(q, k, v)
+
+    plans = [(f"random-{x:g}", random_plan(heads, n, x, gen, dev)) for x in densities]
+    if not args.no_radial:
+        plans.append(("radial", radial_plan(n, frames, dev)))
+    for label, plan in plans:
+        density = plan.density()
+        flops = flops_dense * density
+        row = dict(plan=label, density=density)
+        # Triton: first call autotunes (excluded), then timed
+        t0 = time.perf_counter()
+        o_t = block_sparse_attention(q, k, v, plan, backend="triton")
+        _sync()
+        row["triton_first_call_s"] = time.perf_counter() - t0
+        row["triton_ms"] = bench(lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton"))
+        row["triton_ms_lse"] = bench(
+            lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True)
+        )
+        row["triton_config"] = str(ta.last_config())
+        # FlexAttention on the identical BlockMask (compiled)
+        if not args.no_flex:
+            try:
+                t0 = time.perf_counter()
+                o_f = block_sparse_attention(q, k, v, plan, backend="flex")
+                _sync()
+                row["flex_first_call_s"] = time.perf_counter() - t0
+                row["flex_ms"] = bench(lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="flex"))
+                row["rel_err_vs_flex"] = rel_err(o_t, o_f)
+                del o_f
+            except Exception as e:
+                row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+                print("flex failed:", row["flex_error"], flush=True)
+        if density >= 0.999:
+            row["rel_err_vs_sdpa"] = rel_err(o_t, dense_out)
+        row["triton_tflops"] = flops / row["triton_ms"] * 1e-9
+        if row.get("flex_ms"):
+            row["flex_tflops"] = flops / row["flex_ms"] * 1e-9
+            row["speedup_vs_flex"] = row["flex_ms"] / row["triton_ms"]
+        if sdpa_ref:
+            row["speedup_vs_sdpa"] = sdpa_ref / row["triton_ms"]
+        if sdpa.get("cudnn"):
+            row["speedup_vs_cudnn"] = sdpa["cudnn"] / row["triton_ms"]
+        del o_t
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        flex_mod._block_masks.pop(plan, None)
+
+    # plan handling and permutation, at two densities
+    perm_rows = []
+    for x in (0.25, 0.05):
+        base = random_plan(heads, n, x, gen, dev)
+        perm = torch.randperm(n, device=dev)
+        permuted = BlockPlan(base.seq_len, base.block_q, base.block_kv, base.kv_num_blocks, base.kv_indices, perm=perm)
+        _sync()
+        t0 = time.perf_counter()
+        ta._prepare(permuted, heads)
+        _sync()
+        prep_ms = (time.perf_counter() - t0) * 1e3
+        block_sparse_attention(q, k, v, base, backend="triton")
+        block_sparse_attention(q, k, v, permuted, backend="triton")
+        t_base = bench(lambda base=base: block_sparse_attention(q, k, v, base, backend="triton"))
+        t_perm = bench(lambda permuted=permuted: block_sparse_attention(q, k, v, permuted, backend="triton"))
+        inv = permuted.inv_perm
+
+        def gather_path(base=base, perm=perm, inv=inv):
+            qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
+            o = block_sparse_attention(qp, kp, vp, base, backend="triton")
+            return o.index_select(2, inv)
+
+        gather_path()
+        t_gather = bench(gather_path)
+        t_sel = bench(lambda perm=perm, inv=inv: [t.index_select(2, perm) for t in (q, k, v, q)])
+        # per-call host cost of the API on a cached plan: wall time of many launches with the GPU kept busy
+        r = dict(density=x, prep_ms_once=prep_ms, triton_ms=t_base, triton_perm_in_kernel_ms=t_perm,
+                 perm_overhead_in_kernel=t_perm / t_base - 1, triton_index_select_path_ms=t_gather,
+                 index_select_overhead=t_gather / t_base - 1, index_select_alone_ms=t_sel)
+        perm_rows.append(r)
+        print(json.dumps(r), flush=True)
+    # host time per API call (plan cached): CPU wall time per call while the GPU queue is full
+    small = random_plan(heads, n, 0.05, gen, dev)
+    block_sparse_attention(q, k, v, small, backend="triton")
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        block_sparse_attention(q, k, v, small, backend="triton")
+    host_us = (time.perf_counter() - t0) / 20 * 1e6
+    _sync()
+    out["plan_handling"] = dict(perm=perm_rows, host_us_per_call_upper_bound=host_us)
+
+
+def host_overhead() -> dict:
+    """Host microseconds per call on a tiny problem (the GPU finishes each kernel in a few µs, so the host bounds it)."""
+    from dit_sparse.kernels import triton_attention as ta
+
+    heads, n, d = 2, 1024, 128
+    q, k, v = (torch.randn(1, n, heads, d, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3) for _ in range(3))
+    plan = random_plan(heads, n, 0.5, torch.Generator().manual_seed(0), "cuda")
+    prep = ta._prepare(plan, heads)
+    out_mem = torch.empty(1, n, heads, d, device="cuda", dtype=torch.bfloat16)
+    tma, ptr = ta.KernelConfig(128, 64, 4, 3, True), ta.KernelConfig(128, 64, 4, 3)
+    cases = {
+        "api_block_sparse_attention": lambda: block_sparse_attention(q, k, v, plan, backend="triton"),
+        "triton_block_attention_tma": lambda: ta.triton_block_attention(q, k, v, plan, d**-0.5, False, None, config=tma),
+        "triton_block_attention_ptr": lambda: ta.triton_block_attention(q, k, v, plan, d**-0.5, False, None, config=ptr),
+        "launch_only_tma": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, tma),
+        "launch_only_ptr": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, ptr),
+        "torch_empty_x2_baseline": lambda: (torch.empty_like(q), torch.empty_like(k)),
+    }
+    res = {}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(300):
+            fn()
+        res[name] = (time.perf_counter() - t0) / 300 * 1e6
+        _sync()
+    print("host µs per call:", json.dumps({k_: round(v_, 1) for k_, v_ in res.items()}), flush=True)
+    return res
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    lines = [
+        f"# Kernel benchmark {results['date']}",
+        "",
+        f"- device: {results['device']}; torch {results['torch']}; triton {results['triton']}; python {results['python']}",
+        f"- command: `{results['command']}`",
+        "- B=1, bf16, q/k/v = BHND views of BNHD memory; block 128; median of `triton.testing.do_bench`; "
+        "effective TFLOP/s = 4·B·H·N²·D·density / time (density = exact computed fraction of the plan).",
+        "",
+    ]
+    for s in results["shapes"]:
+        sh = s["shape"]
+        sd = s["sdpa_ms"]
+        lines += [
+            f"## H={sh['H']}, N={sh['N']}, D={sh['D']}",
+            "",
+            f"Dense SDPA: auto {_f(sd.get('auto'))} ms, cuDNN {_f(sd.get('cudnn'))} ms, flash {_f(sd.get('flash'))} ms "
+            f"(cuDNN {_f(4 * sh['H'] * sh['N'] ** 2 * sh['D'] / sd['cudnn'] * 1e-9 if sd.get('cudnn') else None)} TFLOP/s)",
+            "",
+            "| plan | density | triton ms | triton TFLOP/s | flex ms | flex TFLOP/s | vs flex | vs SDPA auto | vs cuDNN | config |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in s["rows"]:
+            lines.append(
+                f"| {r['plan']} | {r['density']:.3f} | {_f(r['triton_ms'])} | {_f(r.get('triton_tflops'), 0)} | "
+                f"{_f(r.get('flex_ms'))} | {_f(r.get('flex_tflops'), 0)} | {_f(r.get('speedup_vs_flex'), 2)}x | "
+                f"{_f(r.get('speedup_vs_sdpa'), 2)}x | {_f(r.get('speedup_vs_cudnn'), 2)}x | {r.get('triton_config', '')} |"
+            )
+        ph = s.get("plan_handling")
+        if ph:
+            lines += ["", "Plan handling and permutation:", "",
+                      "| density | prep once ms | kernel ms | perm in kernel ms (+%) | index_select path ms (+%) |",
+                      "| --- | --- | --- | --- | --- |"]
+            for r in ph["perm"]:
+                lines.append(
+                    f"| {r['density']} | {_f(r['prep_ms_once'])} | {_f(r['triton_ms'])} | "
+                    f"{_f(r['triton_perm_in_kernel_ms'])} ({100 * r['perm_overhead_in_kernel']:+.1f}%) | "
+                    f"{_f(r['triton_index_select_path_ms'])} ({100 * r['index_select_overhead']:+.1f}%) |"
+                )
+            lines.append(f"\nHost time per API call on a cached plan (upper bound): {ph['host_us_per_call_upper_bound']:.0f} µs")
+        lines.append("")
+    if results.get("host_us"):
+        lines += ["Host µs per call (tiny problem, GPU idle): " + ", ".join(
+            f"{k}: {v:.0f}" for k, v in results["host_us"].items()), ""]
+    if results.get("check"):
+        bad = [r for r in results["check"] if not r.get("passed")]
+        lines.append(f"GPU correctness suite: {len(results['check']) - len(bad)}/{len(results['check'])} passed")
+    if results.get("tuning"):
+        lines += ["", "## Autotuning (first call per key)", "", "| key | config | ms |", "| --- | --- | --- |"]
+        for e in results["tuning"]:
+            lines.append(f"| {e['key']} | {e['config']} | {_f(e.get('ms'))} {e.get('error', '')[:80]} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _f(x, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of HxNxD among " + ", ".join(SHAPES))
+    ap.add_argument("--densities", default=",".join(f"{x:g}" for x in DENSITIES))
+    ap.add_argument("--check", action="store_true", help="run the GPU correctness suite first")
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-radial", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default="", help="suffix for the result file names")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --shapes 2x700x64 as a dry run)")
+    import triton
+
+    torch._dynamo.config.cache_size_limit = 64  # one flex compile per plan closure at most
+    torch.backends.cuda.matmul.allow_tf32 = False
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    results = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        command="python " + " ".join(sys.argv), env={k: v for k, v in os.environ.items() if k.startswith("DIT_SPARSE")},
+        shapes=[],
+    )
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"kernels-{date}{args.tag}"
+    if args.check or args.check_only:
+        results["check"] = check_suite("cuda" if torch.cuda.is_available() else "cpu")
+        bad = [r for r in results["check"] if not r.get("passed")]
+        print(f"GPU correctness: {len(results['check']) - len(bad)}/{len(results['check'])} passed", flush=True)
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    if not args.check_only and torch.cuda.is_available():
+        results["host_us"] = host_overhead()
+    if not args.check_only:
+        densities = [float(x) for x in args.densities.split(",")]
+        for name in args.shapes.split(","):
+            run_shape(name, densities, args, results)
+            torch.cuda.empty_cache()
+            from dit_sparse.kernels.triton_attention import tuning_log
+
+            results["tuning"] = list(tuning_log)
+            stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            write_markdown(results, stem.with_suffix(".md"))
+    results["tuning"] = list(__import__("dit_sparse.kernels.triton_attention", fromlist=["x"]).tuning_log)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, stem.with_suffix(".md"))
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,537 @@
+"""Triton backend: block-sparse flash attention (forward) that visits only the key blocks a BlockPlan lists.
+
+One program computes ``BLOCK_M`` query rows of one (batch, head): it walks the plan's key-block list for its query
+block with an online softmax (fp32 accumulators, ``exp2`` with the scale folded in) and writes the output once.
+
+Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
+
+- **Layout.** q/k/v are ``[B, H, N, D]`` with any strides (Diffusers hands a BHND view of BNHD memory); the output
+  is allocated in BNHD memory and returned as the BHND view, so the processor's following permute + flatten is free.
+- **Loads.** Without a permutation, q/k/v tiles come through TMA tensor descriptors on Hopper (a 2-D row view of
+  the tensor: row = token, ``stride(-2)`` elements per row), else through plain pointer loads. With a permutation,
+  rows are gathered in the kernel through ``perm`` (no permuted copies of q/k/v) and the output rows are scattered
+  back through ``perm``: the permutation costs no extra pass over memory.
+- **Tails.** Per plan (cached beside it), each key-block list is reordered so that the partial last key block, when
+  listed, comes last: the main loop runs unmasked and only that one block is masked. ``kv_len`` (padded keys)
+  masks every tile (a separate compiled variant). Query rows past ``N`` are never stored.
+- **Head modes.** HEAD_SKIP heads get an empty list (cached per plan): zero output, LSE ``-inf``. Rows whose every
+  key is masked (``kv_len``) give 0 and ``-inf`` too.
+- **Autotune.** Block sizes that divide the plan's blocks, warps, stages, TMA on/off: timed once per key
+  (head dim, dtype, density band, size bucket, plan block sizes, permutation, kv_len, TMA-able layout) on the first
+  call and cached in-process (``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
+  The density band needs one device->host read per new plan (cached with the plan; never per call).
+- **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
+  bf16/fp16 for speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dit_sparse.plan import HEAD_SKIP, BlockPlan
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED."""
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(keep, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # fully masked rows so far: keep p = 0, not NaN
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_ij
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _load_kv(
+    K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start, offs_n, offs_d, N, skn, svn,
+    TAIL: tl.constexpr, HAS_PERM: tl.constexpr, USE_TMA: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """K and V tiles [BLOCK_N, D] of the (permuted) key rows ``start + offs_n``."""
+    rows = start + offs_n
+    if USE_TMA:
+        k = desc_k.load([row0_k + start, col0_k])
+        v = desc_v.load([row0_v + start, col0_v])
+    else:
+        ok = rows < N
+        if HAS_PERM:
+            if TAIL:
+                rows = tl.load(PERM + rows, mask=ok, other=0)
+            else:
+                rows = tl.load(PERM + rows)
+        if OFF64:
+            rows = rows.to(tl.int64)
+        if TAIL:
+            k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + v_base + rows[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        elif HAS_PERM:
+            k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :])
+            v = tl.load(V + v_base + rows[:, None] * svn + offs_d[None, :])
+        else:
+            # scalar tile base + loop-invariant offsets (cheaper address arithmetic than per-row products)
+            s0 = start
+            if OFF64:
+                s0 = s0.to(tl.int64)
+            k = tl.load(K + (k_base + s0 * skn) + (offs_n[:, None] * skn + offs_d[None, :]))
+            v = tl.load(V + (v_base + s0 * svn) + (offs_n[:, None] * svn + offs_d[None, :]))
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _key_keep(PERM, KV_LEN, b, start, offs_n, N, TAIL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """[1, BLOCK_N] columns of this tile that are real keys (inside N) and not padding (kv_len)."""
+    cols = start + offs_n
+    keep = cols < N
+    if HAS_KVLEN:
+        kvl = tl.load(KV_LEN + b)
+        if HAS_PERM:
+            orig = tl.load(PERM + cols, mask=keep, other=0)
+        else:
+            orig = cols
+        keep = keep & (orig < kvl)
+    return keep[None, :]
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, LSE, desc_q, desc_k, desc_v,
+    KV_NUM, KV_IDX, PERM, KV_LEN,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    snb, snh, sib, sih,
+    N, MK, q_rows_per_row, k_rows_per_row, v_rows_per_row, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    Q_SUB: tl.constexpr, KV_SUB: tl.constexpr, PLAN_BKV: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_KVLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr, IEEE: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m_plan = pid_m // Q_SUB
+
+    num = tl.load(KV_NUM + b * snb + h * snh + m_plan)
+    idx_ptr = KV_IDX + b64 * sib + h64 * sih + m_plan * MK
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < N
+    if HAS_PERM:
+        q_rows = tl.load(PERM + offs_m, mask=row_ok, other=0)
+    else:
+        q_rows = offs_m
+    if OFF64:
+        q_rows = q_rows.to(tl.int64)
+
+    q_base = b64 * sqb + h64 * sqh
+    k_base = b64 * skb + h64 * skh
+    v_base = b64 * svb + h64 * svh
+    # TMA row view: the (b, h) slice starts at row base // rows_per_row, column base % rows_per_row
+    row0_q = (q_base // q_rows_per_row).to(tl.int32)
+    col0_q = (q_base % q_rows_per_row).to(tl.int32)
+    row0_k = (k_base // k_rows_per_row).to(tl.int32)
+    col0_k = (k_base % k_rows_per_row).to(tl.int32)
+    row0_v = (v_base // v_rows_per_row).to(tl.int32)
+    col0_v = (v_base % v_rows_per_row).to(tl.int32)
+
+    if USE_TMA:
+        q = desc_q.load([row0_q + pid_m * BLOCK_M, col0_q])
+    else:
+        q = tl.load(Q + q_base + q_rows[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+
+    # the partial last key block, when listed, was moved to the end of the list by the plan preprocessing
+    n_blocks = num
+    has_tail = num < 0  # False, as a tensor
+    if not EVEN_N:
+        last = tl.load(idx_ptr + tl.maximum(num - 1, 0))
+        has_tail = (num > 0) & (last == MK - 1)
+        n_blocks = num - has_tail.to(tl.int32)
+
+    for j in tl.range(0, n_blocks * KV_SUB):
+        kb = tl.load(idx_ptr + j // KV_SUB)
+        start = kb * PLAN_BKV + (j % KV_SUB) * BLOCK_N
+        k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start, offs_n,
+                        offs_d, N, skn, svn, False, HAS_PERM, USE_TMA, OFF64, UPCAST)
+        keep = offs_n[None, :] >= 0
+        if HAS_KVLEN:
+            keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, HAS_KVLEN, IEEE)
+
+    if not EVEN_N:
+        if has_tail:
+            tail0 = (MK - 1) * PLAN_BKV
+            for t in tl.range(0, tl.cdiv(N - tail0, BLOCK_N), num_stages=1):
+                start = tail0 + t * BLOCK_N
+                k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
+                                offs_n, offs_d, N, skn, svn, True, HAS_PERM, False, OFF64, UPCAST)
+                keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, IEEE)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b64 * sob + h64 * soh + q_rows[:, None] * son + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if RETURN_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse_ptrs = LSE + (b64 * tl.num_programs(1) + h64) * N + q_rows
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------- plan handling
+@dataclass(frozen=True)
+class _Prepared:
+    """Plan data in the kernel's form (built once per plan and head count, cached beside the plan)."""
+
+    kv_num: torch.Tensor  # int32 [B', H'', Mq], HEAD_SKIP heads zeroed
+    kv_idx: torch.Tensor  # int32 [B', H'', Mq, Mk] contiguous, partial last block moved to the end of each list
+    perm: torch.Tensor | None  # int32 [N]
+    density: float | None  # fraction of key blocks listed (for the autotune band); None until needed
+
+
+_prepared: weakref.WeakKeyDictionary[BlockPlan, dict] = weakref.WeakKeyDictionary()
+
+
+def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
+    per_plan = _prepared.setdefault(plan, {})
+    if heads in per_plan:
+        return per_plan[heads]
+    kv_num, kv_idx = plan.kv_num_blocks, plan.kv_indices
+    if plan.head_mode is not None and HEAD_SKIP in plan.head_mode:
+        skip = torch.tensor([m == HEAD_SKIP for m in plan.head_mode], device=kv_num.device)
+        kv_num = kv_num.expand(kv_num.shape[0], heads, kv_num.shape[2]) * (~skip).view(1, -1, 1).to(kv_num.dtype)
+        kv_idx = kv_idx.expand(kv_idx.shape[0], heads, *kv_idx.shape[2:])
+    kv_num = kv_num.to(torch.int32).contiguous()
+    kv_idx = kv_idx.to(torch.int32).contiguous()
+    mk = plan.num_kv_blocks
+    if plan.seq_len % plan.block_kv:
+        # move the partial last key block to the end of each list (swap it with the last listed entry)
+        valid = torch.arange(mk, device=kv_idx.device) < kv_num.unsqueeze(-1)
+        is_tail = (kv_idx == mk - 1) & valid
+        has = is_tail.any(-1, keepdim=True)
+        tpos = is_tail.to(torch.uint8).argmax(-1, keepdim=True)
+        lpos = (kv_num.unsqueeze(-1).long() - 1).clamp_min(0)
+        last_val = kv_idx.gather(-1, lpos)
+        swapped = kv_idx.scatter(-1, tpos, last_val).scatter(-1, lpos, torch.full_like(last_val, mk - 1))
+        kv_idx = torch.where(has, swapped, kv_idx).contiguous()
+    perm = None if plan.perm is None else plan.perm.to(torch.int32).contiguous()
+    prep = _Prepared(kv_num, kv_idx, perm, None)
+    per_plan[heads] = prep
+    return prep
+
+
+def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> str:
+    """'sparse' (< 0.15 of key blocks), 'mid' or 'dense' (> 0.6): one host read per plan, then cached."""
+    if prep.density is None:
+        d = float(prep.kv_num.float().mean()) / plan.num_kv_blocks
+        prep = _Prepared(prep.kv_num, prep.kv_idx, prep.perm, d)
+        _prepared[plan][heads] = prep
+    d = prep.density
+    return "sparse" if d < 0.15 else ("mid" if d <= 0.6 else "dense")
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration (BLOCK_M must divide the plan's block_q, BLOCK_N its block_kv)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+    def __str__(self) -> str:
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}"
+
+
+def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[KernelConfig]:
+    """Configurations the autotuner tries (before fitting them to the plan's block sizes)."""
+    if dtype == torch.float32:
+        return [KernelConfig(64, 32, 4, 2)]
+    if _INTERPRET:
+        return [KernelConfig(32, 32, 4, 1)]
+    if head_dim <= 64:
+        base = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 4, 3),
+                KernelConfig(128, 64, 4, 4)]
+    else:
+        base = [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 64, 4, 2),
+                KernelConfig(128, 128, 8, 3)]
+    forced = os.environ.get("DIT_SPARSE_TRITON_CONFIGS")  # e.g. "m128n128w8s2-tma,m128n64w4s3"
+    if forced:
+        names = set(forced.split(","))
+        all_cfgs = base + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base]
+        picked = [c for c in all_cfgs if str(c) in names]
+        if picked:
+            return picked
+    return base + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base]
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _fit(cfg: KernelConfig, block_q: int, block_kv: int) -> KernelConfig | None:
+    """The config with tiles shrunk to divide the plan's blocks (None when a tile would drop under 16)."""
+    bm = _largest_pow2_divisor(block_q, cfg.block_m)
+    bn = _largest_pow2_divisor(block_kv, cfg.block_n)
+    if bm < 16 or bn < 16:
+        return None
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma)
+
+
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_row_view(t: torch.Tensor) -> int | None:
+    """Row width (elements) of ``t`` seen as 2-D rows of tokens, when TMA can load its tiles; else None."""
+    if _INTERPRET or not t.is_cuda or t.data_ptr() % 16:
+        return None
+    width = _tma_layout_width(tuple(t.shape), tuple(t.stride()), t.element_size(), t.device.index or 0)
+    if width is None or t.storage_offset() + _tma_rows(t, width) * width > t.untyped_storage().nbytes() // t.element_size():
+        return None
+    return width
+
+
+@functools.lru_cache(maxsize=256)
+def _tma_layout_width(shape: tuple, stride: tuple, es: int, device_index: int) -> int | None:
+    """The layout part of the TMA check (cached: it loops over batch x heads)."""
+    if not _has_tma(device_index):
+        return None
+    b, h, n, d = shape
+    sb, sh, sn, sd = stride
+    if sd != 1 or sn < d or (sn * es) % 16 or (d * es) < 16:
+        return None
+    for bi in range(b):
+        for hi in range(h):
+            off = bi * sb + hi * sh
+            if off < 0 or (off % sn) + d > sn:
+                return None
+    return sn
+
+
+def _tma_rows(t: torch.Tensor, row_width: int) -> int:
+    """Rows of the 2-D row view that cover every element of ``t``."""
+    b, h, n, d = t.shape
+    sb, sh, sn, _ = t.stride()
+    span = (b - 1) * sb + (h - 1) * sh + (n - 1) * sn + d
+    return -(-span // row_width)
+
+
+def _make_desc(t: torch.Tensor, row_width: int, rows: int, d: int) -> TensorDescriptor:
+    """2-D TMA descriptor over the storage of ``t``: ``[span / row_width, row_width]`` with tiles ``[rows, d]``."""
+    b, h, n, _ = t.shape
+    sb, sh, sn, _ = t.stride()
+    total_rows = _tma_rows(t, row_width)
+    base = t.as_strided((total_rows, row_width), (row_width, 1))
+    return TensorDescriptor(base, [total_rows, row_width], [row_width, 1], [rows, d])
+
+
+# ------------------------------------------------------------------------------------------------------- launch
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    prep: _Prepared,
+    scale: float,
+    out_mem: torch.Tensor,
+    lse: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    cfg: KernelConfig,
+) -> None:
+    b, h, n, d = q.shape
+    widths = None
+    use_tma = cfg.tma and plan.perm is None
+    if use_tma:
+        widths = [_tma_row_view(t) for t in (q, k, v)]
+        if any(w is None for w in widths):
+            use_tma = False
+    if use_tma:
+        desc_q = _make_desc(q, widths[0], cfg.block_m, d)
+        desc_k = _make_desc(k, widths[1], cfg.block_n, d)
+        desc_v = _make_desc(v, widths[2], cfg.block_n, d)
+    else:
+        desc_q = desc_k = desc_v = None
+        widths = [1, 1, 1]
+    out = out_mem.permute(0, 2, 1, 3)
+    kv_num, kv_idx = prep.kv_num, prep.kv_idx
+    snb = 0 if kv_num.shape[0] == 1 else kv_num.stride(0)
+    snh = 0 if kv_num.shape[1] == 1 else kv_num.stride(1)
+    sib = 0 if kv_idx.shape[0] == 1 else kv_idx.stride(0)
+    sih = 0 if kv_idx.shape[1] == 1 else kv_idx.stride(1)
+    max_off = max(
+        (n + cfg.block_m) * max(abs(x.stride(2)) for x in (q, k, v, out)) + d, b * h * n
+    )
+    off64 = max_off >= 2**31
+    # Triton's interpreter (3.9) multiplies bf16 tiles as raw integers: upcast to fp32 there (tests only)
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(n, cfg.block_m), h, b)
+    dummy = kv_num
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse if lse is not None else dummy, desc_q, desc_k, desc_v,
+        kv_num, kv_idx, prep.perm if prep.perm is not None else dummy,
+        kv_len if kv_len is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        snb, snh, sib, sih,
+        n, plan.num_kv_blocks, widths[0], widths[1], widths[2], scale * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=d,
+        Q_SUB=plan.block_q // cfg.block_m, KV_SUB=plan.block_kv // cfg.block_n, PLAN_BKV=plan.block_kv,
+        EVEN_N=(n % plan.block_kv == 0), HAS_PERM=prep.perm is not None, HAS_KVLEN=kv_len is not None,
+        RETURN_LSE=lse is not None, USE_TMA=use_tma, IEEE=(q.dtype == torch.float32) or upcast, OFF64=off64,
+        UPCAST=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+_best: dict[tuple, KernelConfig] = {}
+tuning_log: list[dict] = []  # what the autotuner timed (read by benchmarks/kernels.py)
+
+
+@functools.lru_cache(maxsize=64)
+def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int, perm: bool) -> tuple[KernelConfig, ...]:
+    fitted: list[KernelConfig] = []
+    for c in candidate_configs(d, dtype):
+        if perm and c.tma:  # no TMA gather on Hopper: permuted plans load rows through pointers
+            continue
+        f = _fit(c, block_q, block_kv)
+        if f is not None and f not in fitted:
+            fitted.append(f)
+    return tuple(fitted)
+
+
+def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConfig:
+    b, h, n, d = q.shape
+    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv, plan.perm is not None)
+    if not fitted:
+        raise ValueError(
+            f"backend='triton' needs block sizes with a power-of-two factor >= 16 (got block_q={plan.block_q}, "
+            f"block_kv={plan.block_kv}); use backend='flex' or 'reference'"
+        )
+    if len(fitted) == 1 or not q.is_cuda or os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
+        return fitted[0]
+    # size bucket (factor 4 in B*H*N): a config tuned on a tiny problem must not serve a large one
+    key = (d, q.dtype, _density_band(plan, h, prep), (b * h * n).bit_length() // 2, plan.block_q, plan.block_kv,
+           plan.perm is not None, kv_len is not None, all(_tma_row_view(t) is not None for t in (q, k, v)))
+    if key not in _best:
+        times = {}
+        for cfg in fitted:
+            try:
+                ms = triton.testing.do_bench(
+                    lambda cfg=cfg: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg),
+                    warmup=5, rep=20, return_mode="median",
+                )
+            except Exception as e:  # a config that does not compile or fit in shared memory is skipped
+                tuning_log.append({"key": str(key), "config": str(cfg), "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            times[cfg] = ms
+            tuning_log.append({"key": str(key), "config": str(cfg), "ms": ms, "shape": [b, h, n, d]})
+        if not times:
+            raise RuntimeError(f"no Triton configuration ran for {key}; see tuning_log")
+        _best[key] = min(times, key=times.get)
+    return _best[key]
+
+
+def triton_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    scale: float,
+    return_lse: bool,
+    kv_len: torch.Tensor | None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention with the Triton kernel (the ``triton`` backend of ``block_sparse_attention``).
+
+    Same contract as the other backends: ``[B, H, N, D]`` inputs with any strides, original token order in and out,
+    output in q's dtype (a BHND view of BNHD memory), LSE ``[B, H, N]`` float32 natural log. ``config`` pins a
+    launch configuration (benchmarks); by default one is autotuned and cached.
+    """
+    b, h, n, d = q.shape
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"backend='triton' supports head dims 16, 32, 64, 128, 256 (got {d}); use backend='flex'")
+    if v.shape[-1] != d:
+        raise ValueError(f"backend='triton' needs v's head dim equal to q's (got {v.shape[-1]} vs {d})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            t = t.contiguous()
+        if name == "q":
+            q = t
+        elif name == "k":
+            k = t
+        else:
+            v = t
+    if kv_len is not None:
+        kv_len = kv_len.to(device=q.device, dtype=torch.int32)
+    prep = _prepare(plan, h)
+    out_mem = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if return_lse else None
+    if config is None:
+        cfg = _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len)
+    else:
+        cfg = _fit(config, plan.block_q, plan.block_kv)
+        if cfg is None:
+            raise ValueError(f"config {config} does not fit the plan's blocks ({plan.block_q}, {plan.block_kv})")
+    _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg)
+    _last[0] = cfg
+    return out_mem.permute(0, 2, 1, 3), lse
+
+
+_last: list[KernelConfig | None] = [None]
+
+
+def last_config() -> KernelConfig | None:
+    """The configuration of the latest launch (benchmarks)."""
+    return _last[0]
+
+
+__all__ = ["KernelConfig", "candidate_configs", "last_config", "triton_block_attention", "tuning_log"]
+

@@ -1,0 +1,147 @@
+"""The ``dit-sparse`` command: clear errors on bad arguments, generate writes a video and refuses to overwrite."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_sparse.cli import main
+
+TINY_ARGS = ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64", "--guidance", "5.0"]
+SMALL = ["--param", "tile=1,2,2", "--param", "block_size=4", "--param", "min_seq_len=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dit_sparse.eval.testing import save_tiny_random_wan_pipeline
+
+    return save_tiny_random_wan_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-wan")
+
+
+def _err(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 2) -> str:
+    assert main(argv) == code
+    return capsys.readouterr().err
+
+
+def test_unknown_method_lists_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["generate", "a red circle", "--method", "nosuch"])
+    assert "unknown method 'nosuch'" in err and "window" in err and "dense" in err
+
+
+def test_bad_param_syntax_and_unknown_param(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["generate", "a red circle", "--method", "window", "--param", "window"])
+    assert "bad --param 'window': write key=value" in err
+    err = _err(capsys, ["generate", "a red circle", "--method", "window", "--param", "nope=1"])
+    assert "unknown hyper-parameter(s) nope" in err and "tile" in err
+    err = _err(capsys, ["generate", "a red circle", "--method", "window", "--param", "window=-1,0,0"])
+    assert "window" in err and "half-widths" in err
+
+
+def test_missing_or_bad_model_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _err(capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "v.mp4")])
+    assert "does not exist" in err
+    err = _err(capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path),
+                        "--out", str(tmp_path / "v.mp4")])
+    assert "model_index.json" in err
+
+
+def test_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--method", "window", "--steps", "0"])
+    assert e.value.code == 2 and "must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "x"])  # --method is required
+    assert "--method" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["nosuchcommand"])
+
+
+def test_eval_argument_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _err(capsys, ["eval", "--methods", "window,nosuch"])
+    assert "--methods" in err and "known methods" in err
+    err = _err(capsys, ["eval", "--methods", "window", "--seeds", "a,b"])
+    assert "bad --seeds" in err
+    err = _err(capsys, ["eval", "--methods", "window", "--prompts", str(tmp_path / "missing.txt")])
+    assert "--prompts" in err and "does not exist" in err
+    err = _err(capsys, ["eval", "--methods", "window", "--model", str(tmp_path / "nope")])
+    assert "does not exist" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_bench_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["bench"])
+    assert "needs an NVIDIA GPU" in err
+
+
+def test_python_dash_m_help() -> None:
+    res = subprocess.run([sys.executable, "-m", "dit_sparse", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "generate" in res.stdout and "eval" in res.stdout and "bench" in res.stdout
+    search = importlib.util.find_spec("dit_sparse.search")
+    if search is not None:  # registered by dit_sparse.search.add_cli
+        assert "search" in res.stdout
+
+
+def test_generate_writes_and_refuses_overwrite(tiny_model: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "a red circle moving right", "--method", "window", "--model", str(tiny_model),
+            "--out", str(out), "--quiet", *TINY_ARGS, *SMALL]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    written = out if out.exists() else out.with_suffix(".gif")
+    assert written.is_file() and written.stat().st_size > 0
+    assert "time:" in printed and "density:" in printed and str(written) in printed
+    mtime = written.stat().st_mtime_ns
+    err = _err(capsys, argv)
+    assert "exists; pass --force" in err and written.stat().st_mtime_ns == mtime
+    assert main([*argv, "--force"]) == 0
+    capsys.readouterr()
+
+
+def test_generate_gif_fallback(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    video_mod = sys.modules["dit_sparse.eval.video"]
+    monkeypatch.setattr(video_mod, "ffmpeg_available", lambda: (False, "no ffmpeg binary (test)"))
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "a blue square", "--method", "none", "--model", str(tiny_model), "--out", str(out),
+                 "--quiet", *TINY_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists() and out.with_suffix(".gif").is_file()
+    assert "wrote a GIF instead" in printed and "no ffmpeg binary (test)" in printed
+    # the GIF that would be written exists: refused without --force
+    err = _err(capsys, ["generate", "a blue square", "--method", "none", "--model", str(tiny_model),
+                        "--out", str(out), *TINY_ARGS])
+    assert "exists; pass --force" in err
+
+
+def test_eval_cli_on_tiny_model(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n")
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(tiny_model), "--methods", "window:window=0,0,0", "--prompts", str(prompts),
+            "--seeds", "0", "--out", str(out), "--quiet", "--no-lpips", "--error-sample", "0", *TINY_ARGS, *SMALL]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "window:block_size=4;min_seq_len=0;tile=1,2,2;window=0,0,0" in printed
+    assert all((out / f).is_file() for f in ("results.jsonl", "results.csv", "pareto.png"))
+    assert main(argv) == 0
+    assert "resuming: 1 of 1 rows" in capsys.readouterr().out
+
+
+def test_bench_delegates_to_bench_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bench = pytest.importorskip("dit_sparse.bench")
+    if not hasattr(bench, "run"):
+        pytest.skip("dit_sparse.bench.run is not there")
+    seen: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: seen.append(a))
+    assert main(["bench", "--methods", "window", "radial:decay=0.2", "--repeats", "3", "--out", str(tmp_path / "b")]) == 0
+    models, shapes, methods, repeats, out, command = seen[0]
+    assert methods == ["window", "radial:decay=0.2"] and repeats == 3 and out == str(tmp_path / "b")
+    assert command.startswith("dit-sparse ")
