@@ -33,7 +33,7 @@ from dit_sparse.state import (
     resolve_frame,
 )
 
-DEFAULT_METHOD = "dense"
+DEFAULT_METHOD = "radial"
 """The method ``SparseProcessor()`` and ``dit_sparse.apply(pipe)`` use when none is named."""
 
 # Union of the native processors' parameters (Wan, CogVideoX, HunyuanVideo, LTX, Mochi, AttnProcessor2_0): legacy
