@@ -25,9 +25,22 @@ from dit_sparse.plan import BlockPlan
 _block_masks: weakref.WeakKeyDictionary[BlockPlan, dict] = weakref.WeakKeyDictionary()
 
 
+# Each plan shape (heads, blocks, sequence length) is one more compiled graph; past dynamo's default limit of 8 it
+# would silently fall back to eager flex, which materialises the N×N scores (hundreds of GB at video sizes).
+_FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _call_compiled_flex(*args, **kwargs):
+    """Compiled flex with room for many plan shapes, and an error (never an eager fallback) past that."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=_FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        return _compiled_flex()(*args, **kwargs)
 
 
 def plan_to_block_mask(plan: BlockPlan, kv_len: torch.Tensor | None = None) -> BlockMask:
@@ -89,7 +102,7 @@ def flex_block_attention(
     if plan.perm is not None:
         q, k, v = (x.index_select(2, plan.perm) for x in (q, k, v))
     bm = plan_to_block_mask(plan, kv_len)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    fn = _call_compiled_flex if q.is_cuda else flex_attention
     with warnings.catch_warnings():
         # eager flex (CPU) materialises the scores; that is expected here, the warning is noise
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
