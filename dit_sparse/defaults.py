@@ -13,7 +13,7 @@ FRAMES: int = 61
 HEIGHT: int = 128
 WIDTH: int = 128
 #: Classifier-free guidance scale (1.0 turns CFG off and halves the work).
-GUIDANCE: float = 5.0
+GUIDANCE: float = 1.0
 #: Seed of the initial noise.
 SEED: int = 0
 #: Frames per second of written videos.
