@@ -159,3 +159,18 @@ def test_parse_method_spec():
         parse_method_spec("window:window")
     with pytest.raises(TypeError, match="unknown hyper-parameter"):
         parse_method_spec("dense:decay=0.2")
+
+
+def test_reference_fast_path_equals_its_lse_path():
+    """Without return_lse the reference backend runs torch SDPA on the same token mask: same numbers."""
+    n, block = 50, 16
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(2, 3, 4, 4, generator=g) < 0.5
+    mask |= torch.eye(4, dtype=torch.bool)
+    plan = BlockPlan.from_block_mask(mask, n, block, perm=torch.randperm(n, generator=g), head_mode=(0, HEAD_SKIP, 0))
+    q, k, v = qkv(2, 3, n, 16)
+    kv_len = torch.tensor([50, 37])
+    fast = block_sparse_attention(q, k, v, plan, backend="reference", kv_len=kv_len)
+    exact, _ = block_sparse_attention(q, k, v, plan, backend="reference", kv_len=kv_len, return_lse=True)
+    assert torch.all(fast[:, 1] == 0)
+    assert (fast - exact).abs().max() <= 1e-5
