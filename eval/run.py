@@ -42,6 +42,7 @@ import torch
 
 from dit_sparse.eval.metrics import LPIPS, psnr, ssim
 from dit_sparse.eval.video import side_by_side, to_uint8, write_video
+from dit_sparse.methods.base import split_method_spec
 
 __all__ = [
     "BUILTIN_PROMPTS",
@@ -263,21 +264,6 @@ def split_method_list(text: str) -> list[str]:
     return specs
 
 
-def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"window:window=1,1,1;tile=2,8,8"`` → name and parameters (the grammar of
-    ``dit_sparse.methods.parse_method_spec``, validated only once the shared parameters are merged in)."""
-    from dit_sparse.methods.base import parse_value  # noqa: PLC0415
-
-    name, _, rest = spec.strip().partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in rest.split(";"))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"bad method setting {item!r} in {spec!r}: write NAME:key=value;key=value")
-        params[key.strip()] = parse_value(value.strip())
-    return name.strip(), params
-
-
 def parse_methods(
     methods: str | Iterable[str | tuple[str, dict[str, Any]] | MethodSpec],
     params: dict[str, dict[str, Any]] | None = None,
@@ -302,7 +288,7 @@ def parse_methods(
             if len(parts) != 1:
                 out.extend(parse_methods(parts, params, common))
                 continue
-            name, p = _parse_spec(parts[0])
+            name, p = split_method_spec(parts[0])
         p = {**(common or {}), **((params or {}).get(name, {})), **p}
         make_config(name, p)  # validates
         out.append(MethodSpec(_label(name, p) if not isinstance(item, MethodSpec) else item.label, name, p))
@@ -901,7 +887,7 @@ def short_labels(rows_or_summary: list[dict[str, Any]]) -> dict[str, str]:
     parsed = {}
     for label in labels:
         try:
-            parsed[label] = _parse_spec(label)
+            parsed[label] = split_method_spec(label)
         except ValueError:
             parsed[label] = (label, {})
     out = {}

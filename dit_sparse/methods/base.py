@@ -174,11 +174,8 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"window:window=1,1,1;tile=2,8,8"`` → ``("window", {"window": (1, 1, 1), "tile": (2, 8, 8)})``.
-
-    The name and the parameters are checked against the registry (clear errors for unknown ones).
-    """
+def split_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"window:window=1,1,1;tile=2,8,8"`` → ``("window", {"window": (1, 1, 1), "tile": (2, 8, 8)})``, unchecked."""
     name, _, rest = spec.strip().partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(";"))):
@@ -186,5 +183,11 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq or not key.strip():
             raise ValueError(f"bad method setting {item!r} in {spec!r}: write NAME:key=value;key=value")
         params[key.strip()] = parse_value(value.strip())
-    make_config(name, params)  # validates the name, the keys and the values
+    return name.strip(), params
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """:func:`split_method_spec`, with the name, the keys and the values checked against the registry."""
+    name, params = split_method_spec(spec)
+    make_config(name, params)
     return name, params
