@@ -48,6 +48,10 @@ class BlockPlan:
         inv_perm: ``argsort(perm)``, filled in automatically.
         head_mode: optional tuple with one of HEAD_PLANNED / HEAD_DENSE / HEAD_SKIP per head (kept on the host so
             that routing decisions need no device sync).
+        density_hint: optional host-side estimate of the fraction of key blocks listed (e.g. a dynamic method's
+            target density). Backends use it for tuning choices only (the Triton autotune band) instead of reading
+            the plan's device tensors, so a plan rebuilt every call costs no device->host sync. Never used for
+            results or reports (:meth:`density` is always measured).
     """
 
     seq_len: int
@@ -58,6 +62,7 @@ class BlockPlan:
     perm: torch.Tensor | None = None
     inv_perm: torch.Tensor | None = None
     head_mode: tuple[int, ...] | None = None
+    density_hint: float | None = None
 
     def __post_init__(self) -> None:
         mq, mk = self.num_q_blocks, self.num_kv_blocks
@@ -75,6 +80,8 @@ class BlockPlan:
             )
         if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
             raise ValueError("kv_num_blocks and kv_indices must be int32 (use BlockPlan.from_block_mask)")
+        if self.density_hint is not None and not 0.0 <= self.density_hint <= 1.0:
+            raise ValueError(f"density_hint must lie in [0, 1], got {self.density_hint!r}")
         if self.perm is not None:
             if self.perm.shape != (self.seq_len,):
                 raise ValueError(f"perm must have shape ({self.seq_len},), got {tuple(self.perm.shape)}")
@@ -118,8 +125,14 @@ class BlockPlan:
         *,
         perm: torch.Tensor | None = None,
         head_mode: tuple[int, ...] | None = None,
+        inv_perm: torch.Tensor | None = None,
+        density_hint: float | None = None,
     ) -> BlockPlan:
-        """Plan from a boolean block mask ``[B, H, Mq, Mk]`` (or ``[H, Mq, Mk]`` / ``[Mq, Mk]``); no host sync."""
+        """Plan from a boolean block mask ``[B, H, Mq, Mk]`` (or ``[H, Mq, Mk]`` / ``[Mq, Mk]``); no host sync.
+
+        ``inv_perm`` (``argsort(perm)``, computed when omitted) lets callers that rebuild plans with a cached
+        permutation skip the sort; ``density_hint``: see the class attributes.
+        """
         block_kv = block_q if block_kv is None else block_kv
         while block_mask.dim() < 4:
             block_mask = block_mask.unsqueeze(0)
@@ -127,7 +140,10 @@ class BlockPlan:
         kv_num = block_mask.sum(-1, dtype=torch.int32)
         # stable sort puts the selected blocks first, in ascending order
         kv_idx = torch.argsort((~block_mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-        return cls(seq_len, block_q, block_kv, kv_num, kv_idx, perm=perm, head_mode=head_mode)
+        return cls(
+            seq_len, block_q, block_kv, kv_num, kv_idx, perm=perm, inv_perm=inv_perm, head_mode=head_mode,
+            density_hint=density_hint,
+        )  # fmt: skip
 
     @classmethod
     def full(
@@ -136,7 +152,7 @@ class BlockPlan:
         """Every query block attends every key block (dense attention through the sparse machinery)."""
         block_kv = block_q if block_kv is None else block_kv
         mask = torch.ones(num_blocks(seq_len, block_q), num_blocks(seq_len, block_kv), dtype=torch.bool, device=device)
-        return cls.from_block_mask(mask, seq_len, block_q, block_kv)
+        return cls.from_block_mask(mask, seq_len, block_q, block_kv, density_hint=1.0)
 
     def to(self, device: torch.device | str) -> BlockPlan:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

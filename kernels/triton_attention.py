@@ -19,7 +19,8 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
 - **Autotune.** Block sizes that divide the plan's blocks, warps, stages, TMA on/off: timed once per key
   (head dim, dtype, density band, size bucket, plan block sizes, permutation, kv_len, TMA-able layout) on the first
   call and cached in-process (``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
-  The density band needs one device->host read per new plan (cached with the plan; never per call).
+  The density band needs one device->host read per new plan (cached with the plan; never per call), none when
+  the plan carries a host-side ``density_hint`` (dynamic methods, whose plans are new every call).
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
   bf16/fp16 for speed.
 """
@@ -74,8 +75,28 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, 
 
 @triton.jit
 def _load_kv(
-    K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start, offs_n, offs_d, N, skn, svn,
-    TAIL: tl.constexpr, HAS_PERM: tl.constexpr, USE_TMA: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
+    K,
+    V,
+    desc_k,
+    desc_v,
+    k_base,
+    v_base,
+    row0_k,
+    col0_k,
+    row0_v,
+    col0_v,
+    PERM,
+    start,
+    offs_n,
+    offs_d,
+    N,
+    skn,
+    svn,
+    TAIL: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    OFF64: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """K and V tiles [BLOCK_N, D] of the (permuted) key rows ``start + offs_n``."""
     rows = start + offs_n
@@ -127,15 +148,54 @@ def _key_keep(PERM, KV_LEN, b, start, offs_n, N, TAIL: tl.constexpr, HAS_PERM: t
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, LSE, desc_q, desc_k, desc_v,
-    KV_NUM, KV_IDX, PERM, KV_LEN,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    snb, snh, sib, sih,
-    N, MK, q_rows_per_row, k_rows_per_row, v_rows_per_row, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    Q_SUB: tl.constexpr, KV_SUB: tl.constexpr, PLAN_BKV: tl.constexpr,
-    EVEN_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_KVLEN: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, IEEE: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    desc_q,
+    desc_k,
+    desc_v,
+    KV_NUM,
+    KV_IDX,
+    PERM,
+    KV_LEN,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    son,
+    snb,
+    snh,
+    sib,
+    sih,
+    N,
+    MK,
+    q_rows_per_row,
+    k_rows_per_row,
+    v_rows_per_row,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    Q_SUB: tl.constexpr,
+    KV_SUB: tl.constexpr,
+    PLAN_BKV: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_KVLEN: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    IEEE: tl.constexpr,
+    OFF64: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -191,8 +251,30 @@ def _block_sparse_fwd(
     for j in tl.range(0, n_blocks * KV_SUB):
         kb = tl.load(idx_ptr + j // KV_SUB)
         start = kb * PLAN_BKV + (j % KV_SUB) * BLOCK_N
-        k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start, offs_n,
-                        offs_d, N, skn, svn, False, HAS_PERM, USE_TMA, OFF64, UPCAST)
+        k, v = _load_kv(
+            K,
+            V,
+            desc_k,
+            desc_v,
+            k_base,
+            v_base,
+            row0_k,
+            col0_k,
+            row0_v,
+            col0_v,
+            PERM,
+            start,
+            offs_n,
+            offs_d,
+            N,
+            skn,
+            svn,
+            False,
+            HAS_PERM,
+            USE_TMA,
+            OFF64,
+            UPCAST,
+        )
         keep = offs_n[None, :] >= 0
         if HAS_KVLEN:
             keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
@@ -203,8 +285,30 @@ def _block_sparse_fwd(
             tail0 = (MK - 1) * PLAN_BKV
             for t in tl.range(0, tl.cdiv(N - tail0, BLOCK_N), num_stages=1):
                 start = tail0 + t * BLOCK_N
-                k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
-                                offs_n, offs_d, N, skn, svn, True, HAS_PERM, False, OFF64, UPCAST)
+                k, v = _load_kv(
+                    K,
+                    V,
+                    desc_k,
+                    desc_v,
+                    k_base,
+                    v_base,
+                    row0_k,
+                    col0_k,
+                    row0_v,
+                    col0_v,
+                    PERM,
+                    start,
+                    offs_n,
+                    offs_d,
+                    N,
+                    skn,
+                    svn,
+                    True,
+                    HAS_PERM,
+                    False,
+                    OFF64,
+                    UPCAST,
+                )
                 keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, IEEE)
 
@@ -262,9 +366,13 @@ def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
 
 
 def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> str:
-    """'sparse' (< 0.15 of key blocks), 'mid' or 'dense' (> 0.6): one host read per plan, then cached."""
+    """'sparse' (< 0.15 of key blocks), 'mid' or 'dense' (> 0.6): the plan's host-side ``density_hint`` when it has
+    one (dynamic plans, rebuilt every call: no sync), else one host read per plan, then cached."""
     if prep.density is None:
-        d = float(prep.kv_num.float().mean()) / plan.num_kv_blocks
+        if plan.density_hint is not None:
+            d = plan.density_hint
+        else:
+            d = float(prep.kv_num.float().mean()) / plan.num_kv_blocks
         prep = _Prepared(prep.kv_num, prep.kv_idx, prep.perm, d)
         _prepared[plan][heads] = prep
     d = prep.density
@@ -293,11 +401,19 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[KernelConfig]:
     if _INTERPRET:
         return [KernelConfig(32, 32, 4, 1)]
     if head_dim <= 64:
-        base = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 4, 3),
-                KernelConfig(128, 64, 4, 4)]
+        base = [
+            KernelConfig(128, 128, 8, 3),
+            KernelConfig(128, 64, 4, 3),
+            KernelConfig(128, 128, 4, 3),
+            KernelConfig(128, 64, 4, 4),
+        ]
     else:
-        base = [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 64, 4, 2),
-                KernelConfig(128, 128, 8, 3)]
+        base = [
+            KernelConfig(128, 64, 4, 3),
+            KernelConfig(128, 64, 4, 4),
+            KernelConfig(128, 64, 4, 2),
+            KernelConfig(128, 128, 8, 3),
+        ]
     forced = os.environ.get("DIT_SPARSE_TRITON_CONFIGS")  # e.g. "m128n128w8s2-tma,m128n64w4s3"
     if forced:
         names = set(forced.split(","))
@@ -334,7 +450,10 @@ def _tma_row_view(t: torch.Tensor) -> int | None:
     if _INTERPRET or not t.is_cuda or t.data_ptr() % 16:
         return None
     width = _tma_layout_width(tuple(t.shape), tuple(t.stride()), t.element_size(), t.device.index or 0)
-    if width is None or t.storage_offset() + _tma_rows(t, width) * width > t.untyped_storage().nbytes() // t.element_size():
+    if (
+        width is None
+        or t.storage_offset() + _tma_rows(t, width) * width > t.untyped_storage().nbytes() // t.element_size()
+    ):
         return None
     return width
 
@@ -406,28 +525,63 @@ def _launch(
     snh = 0 if kv_num.shape[1] == 1 else kv_num.stride(1)
     sib = 0 if kv_idx.shape[0] == 1 else kv_idx.stride(0)
     sih = 0 if kv_idx.shape[1] == 1 else kv_idx.stride(1)
-    max_off = max(
-        (n + cfg.block_m) * max(abs(x.stride(2)) for x in (q, k, v, out)) + d, b * h * n
-    )
+    max_off = max((n + cfg.block_m) * max(abs(x.stride(2)) for x in (q, k, v, out)) + d, b * h * n)
     off64 = max_off >= 2**31
     # Triton's interpreter (3.9) multiplies bf16 tiles as raw integers: upcast to fp32 there (tests only)
     upcast = _INTERPRET and q.dtype == torch.bfloat16
     grid = (triton.cdiv(n, cfg.block_m), h, b)
     dummy = kv_num
     _block_sparse_fwd[grid](
-        q, k, v, out, lse if lse is not None else dummy, desc_q, desc_k, desc_v,
-        kv_num, kv_idx, prep.perm if prep.perm is not None else dummy,
+        q,
+        k,
+        v,
+        out,
+        lse if lse is not None else dummy,
+        desc_q,
+        desc_k,
+        desc_v,
+        kv_num,
+        kv_idx,
+        prep.perm if prep.perm is not None else dummy,
         kv_len if kv_len is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        snb, snh, sib, sih,
-        n, plan.num_kv_blocks, widths[0], widths[1], widths[2], scale * _LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=d,
-        Q_SUB=plan.block_q // cfg.block_m, KV_SUB=plan.block_kv // cfg.block_n, PLAN_BKV=plan.block_kv,
-        EVEN_N=(n % plan.block_kv == 0), HAS_PERM=prep.perm is not None, HAS_KVLEN=kv_len is not None,
-        RETURN_LSE=lse is not None, USE_TMA=use_tma, IEEE=(q.dtype == torch.float32) or upcast, OFF64=off64,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        snb,
+        snh,
+        sib,
+        sih,
+        n,
+        plan.num_kv_blocks,
+        widths[0],
+        widths[1],
+        widths[2],
+        scale * _LOG2E,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        HEAD_D=d,
+        Q_SUB=plan.block_q // cfg.block_m,
+        KV_SUB=plan.block_kv // cfg.block_n,
+        PLAN_BKV=plan.block_kv,
+        EVEN_N=(n % plan.block_kv == 0),
+        HAS_PERM=prep.perm is not None,
+        HAS_KVLEN=kv_len is not None,
+        RETURN_LSE=lse is not None,
+        USE_TMA=use_tma,
+        IEEE=(q.dtype == torch.float32) or upcast,
+        OFF64=off64,
         UPCAST=upcast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -458,15 +612,26 @@ def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConf
     if len(fitted) == 1 or not q.is_cuda or os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
         return fitted[0]
     # size bucket (factor 4 in B*H*N): a config tuned on a tiny problem must not serve a large one
-    key = (d, q.dtype, _density_band(plan, h, prep), (b * h * n).bit_length() // 2, plan.block_q, plan.block_kv,
-           plan.perm is not None, kv_len is not None, all(_tma_row_view(t) is not None for t in (q, k, v)))
+    key = (
+        d,
+        q.dtype,
+        _density_band(plan, h, prep),
+        (b * h * n).bit_length() // 2,
+        plan.block_q,
+        plan.block_kv,
+        plan.perm is not None,
+        kv_len is not None,
+        all(_tma_row_view(t) is not None for t in (q, k, v)),
+    )
     if key not in _best:
         times = {}
         for cfg in fitted:
             try:
                 ms = triton.testing.do_bench(
                     lambda cfg=cfg: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg),
-                    warmup=5, rep=20, return_mode="median",
+                    warmup=5,
+                    rep=20,
+                    return_mode="median",
                 )
             except Exception as e:  # a config that does not compile or fit in shared memory is skipped
                 tuning_log.append({"key": str(key), "config": str(cfg), "error": f"{type(e).__name__}: {e}"[:300]})
@@ -534,4 +699,3 @@ def last_config() -> KernelConfig | None:
 
 
 __all__ = ["KernelConfig", "candidate_configs", "last_config", "triton_block_attention", "tuning_log"]
-
