@@ -1,6 +1,6 @@
 """Sparse-attention methods, registered by name (the names are the public API)."""
 
-from dit_sparse.methods import dense, radial, svdit, window  # noqa: F401  (registration)  # noqa: F401  (registration)
+from dit_sparse.methods import adaspa, dense, draft, radial, rettention, svdit, window  # noqa: F401  (registration)
 from dit_sparse.methods.base import (
     Method,
     MethodConfig,

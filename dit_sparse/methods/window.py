@@ -56,13 +56,28 @@ class Window(Method):
     def plan(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, ctx: StepContext) -> BlockPlan:
         cfg = self.config
         perm = layout.tile_permutation(cfg.tile, device=q.device)
-        lo, hi, has_video = layout.block_extent(cfg.block_size, perm, device=q.device)
-        # tile index ranges of each block, and the gap between two blocks' ranges along each axis
-        tile = torch.tensor(cfg.tile, device=q.device)
-        tlo, thi = lo // tile, hi // tile
-        gap = (tlo[None, :, :] - thi[:, None, :]).clamp(min=0) + (tlo[:, None, :] - thi[None, :, :]).clamp(min=0)
-        near = (gap <= torch.tensor(cfg.window, device=q.device)).all(-1)
-        mask = near & has_video[:, None] & has_video[None, :]
-        # tile_permutation keeps text tokens in place, so the text range is the same after the permutation
-        mask = add_text(mask, layout, cfg.block_size, cfg.block_size)
+        mask = window_block_mask(layout, cfg.block_size, cfg.window, cfg.tile, perm, device=q.device)
         return BlockPlan.from_block_mask(mask, layout.seq_len, cfg.block_size, perm=perm)
+
+
+def window_block_mask(
+    layout: TokenLayout,
+    block: int,
+    window: tuple[int, int, int],
+    unit: tuple[int, int, int] = (1, 1, 1),
+    perm: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``[M, M]`` block mask (blocks of ``block`` tokens after ``perm``): a block pair is kept when the
+    ``unit``-cell index ranges of their video tokens lie within ``window`` cells of each other along (t, h, w).
+
+    Text rows and columns are kept too. ``perm`` must keep text tokens in place (as ``tile_permutation`` does).
+    """
+    lo, hi, has_video = layout.block_extent(block, perm, device=device)
+    # cell index ranges of each block, and the gap between two blocks' ranges along each axis
+    cell = torch.tensor(unit, device=device)
+    clo, chi = lo // cell, hi // cell
+    gap = (clo[None, :, :] - chi[:, None, :]).clamp(min=0) + (clo[:, None, :] - chi[None, :, :]).clamp(min=0)
+    near = (gap <= torch.tensor(window, device=device)).all(-1)
+    mask = near & has_video[:, None] & has_video[None, :]
+    return add_text(mask, layout, block, block)
