@@ -4,6 +4,7 @@ Run on the device (CUDA):
 
     python benchmarks/methods.py                  # writes benchmarks/results/methods-<date>.{json,md}
     python benchmarks/methods.py --backends triton,flex --repeats 50
+    python benchmarks/methods.py --methods draft,adaspa   # only these methods (names or row labels)
     python benchmarks/methods.py --dry-run        # CPU smoke test of this script (tiny shape, reference backend)
 
 Shapes: Wan2.1-1.3B at 81 frames, B=1, H=12, D=128, bf16; 480p = 21×30×52 latent grid (32,760 tokens), 720p =
@@ -12,7 +13,10 @@ For every method (defaults; for ``svdit`` every head in one mode, plus a mixed l
 multi-diagonal group, a plain group and skipped heads) it times ``method.attend`` with the block-sparse kernel
 (plan built and cached before timing; the token permutation included), and reports the plan density, the median
 time over ``repeats`` (CUDA events, warm-up excluded), the speedup over dense SDPA (the backend torch picks) of
-the same run, the one-time plan build time, and the relative L2 error against dense attention.
+the same run, the one-time plan build time, and the relative L2 error against dense attention. ``rettention``'s
+sparse and refresh steps are timed separately, plus their mean over its refresh cycle (``RETTENTION_NOTE``).
+Dynamic methods (``draft``, ``adaspa``) are timed with their estimation cost, each call being the next denoising
+step (``DYNAMIC_NOTE``).
 """
 
 from __future__ import annotations
@@ -59,13 +63,86 @@ def methods_to_run(tmp: Path, heads: int, block: int | None) -> dict[str, tuple[
         save_config({"format": "dit-sparse/svdit", "version": 1, "heads": heads, "layers": {"0": modes},
                      "params": params}, path)  # fmt: skip
         runs[label] = ("svdit", {"config": str(path)})
+    # Re-ttention's steps differ in cost: its sparse step (refresh far away) and its refresh step (every step)
+    runs[RETTENTION_SPARSE] = ("rettention", {"refresh_interval": 10**6})
+    runs[RETTENTION_REFRESH] = ("rettention", {"refresh_interval": 1})
+    # dynamic: draft re-plans every call; adaspa reuses its plan between searches, so its three kinds of step
+    runs["draft"] = ("draft", {})
+    runs["adaspa"] = ("adaspa", {})
+    runs[ADASPA_SEARCH] = ("adaspa", {"search_interval": 1})
+    runs[ADASPA_FIRST_SEARCH] = ("adaspa", {})
     if block is not None:
         for name, params in runs.values():
             if name == "radial":
                 params.update(block_size=block, min_window=block)
             elif name == "window":
                 params.update(block_size=block, tile=(1, 2, block // 2))
+            elif name == "rettention":
+                params.update(block_size=block)
+            elif name == "draft":
+                params.update(block_size=block, pool=(2, block // 2))
+            elif name == "adaspa":
+                params.update(block_size=block)
     return runs
+
+
+RETTENTION_SPARSE, RETTENTION_REFRESH = "rettention:sparse-step", "rettention:refresh-step"
+RETTENTION_NOTE = (
+    "rettention: its sparse step (ultra-sparse kernel + the cached correction) and its refresh step (dense + sparse "
+    "kernels with LSE, density 1 + sparse) are timed separately, each call being the next denoising step; "
+    "`rettention:cycle-5` is their mean over the default cycle (1 refresh + 4 sparse steps). Its rel L2 is measured "
+    "on the q/k/v of the refresh, where the correction restores dense attention by construction: its real error "
+    "shows only across denoising steps (`dit-sparse eval`)."
+)
+
+
+ADASPA_SEARCH, ADASPA_FIRST_SEARCH = "adaspa:search-step", "adaspa:first-search-step"
+DYNAMIC_NOTE = (
+    "draft and adaspa: each timed call is the next denoising step, estimation included. draft builds a new plan "
+    "every call. `adaspa` reuses its plan (a step between searches); `adaspa:search-step` scores every block with "
+    "the cached LSE and runs the new plan (a later search step); `adaspa:first-search-step` runs dense attention "
+    "(density 1) then the scoring pass (a layer's first search step); `adaspa:schedule-50` is their mean over the "
+    "paper's 40 sparse steps of 50 (1 first search, 1 later search, 38 reuses)."
+)
+
+
+def _fresh_cache(fn, ctx: StepContext):
+    """Call ``fn`` with an empty per-layer cache (a dynamic method's first search step, every call)."""
+    ctx.cache.clear()
+    return fn()
+
+
+def adaspa_schedule_row(rows: list[dict[str, Any]], sparse_steps: int = 40) -> dict[str, Any] | None:
+    """AdaSpa's mean step over the paper's schedule (of 50 steps, 40 sparse: a first search, a later search, the
+    rest reusing the plan), from the shape's three adaspa rows; None unless all are there."""
+    found = {r["method"]: r for r in rows}
+    reuse, search, first = found.get("adaspa"), found.get(ADASPA_SEARCH), found.get(ADASPA_FIRST_SEARCH)
+    if reuse is None or search is None or first is None:
+        return None
+    mix = lambda key: (first[key] + search[key] + (sparse_steps - 2) * reuse[key]) / sparse_steps  # noqa: E731
+    dense_ms = reuse["ms"] * reuse["speedup"]
+    row = {key: value for key, value in reuse.items() if key != "launches"}
+    return dict(row, method="adaspa:schedule-50", density=mix("density"), ms=mix("ms"), speedup=dense_ms / mix("ms"))
+
+
+def _next_step(fn, ctx: StepContext):
+    """Call ``fn`` as the next denoising step of ``ctx``."""
+    ctx.step += 1
+    return fn()
+
+
+def rettention_cycle_row(rows: list[dict[str, Any]], cycle: int = 5) -> dict[str, Any] | None:
+    """Re-ttention's mean step over its default refresh cycle (1 refresh step, ``cycle - 1`` sparse steps), from the
+    shape's sparse-step and refresh-step rows; None unless both are there."""
+    found = {r["method"]: r for r in rows}
+    sparse, refresh = found.get(RETTENTION_SPARSE), found.get(RETTENTION_REFRESH)
+    if sparse is None or refresh is None:
+        return None
+    mix = lambda key: (refresh[key] + (cycle - 1) * sparse[key]) / cycle  # noqa: E731
+    dense_ms = refresh["ms"] * refresh["speedup"]
+    row = {key: value for key, value in sparse.items() if key != "launches"}
+    return dict(row, method=f"rettention:cycle-{cycle}", density=mix("density"), ms=mix("ms"),
+                speedup=dense_ms / mix("ms"))  # fmt: skip
 
 
 def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
@@ -124,6 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     ms=dense_ms, speedup=1.0, plan_ms=0.0, rel_l2=0.0))  # fmt: skip
         print(f"{shape_name}: N={n} dense SDPA {dense_ms:.3f} ms", flush=True)
         for label, (name, params) in methods_to_run(tmp, heads, block).items():
+            if args.methods and not {label, name} & set(args.methods.split(",")):
+                continue
             for backend in backends:
                 method = get_method(name, **params)
                 ctx = StepContext(40, None, "cond", "blocks.0.attn1", 0, layout)
@@ -139,15 +218,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 plan_ms = (time.perf_counter() - t0) * 1e3
+                call = partial(method.attend, q, k, v, layout, ctx, kernel)
+                if name == "rettention":  # its cost depends on the step: measure and time the steps after the first
+                    call = partial(_next_step, call, ctx)
+                    plans.clear()
+                    out = call()
+                elif method.dynamic:  # estimation included: measure and time the steps after the first
+                    call = partial(_fresh_cache if label == ADASPA_FIRST_SEARCH else _next_step, call, ctx)
+                    plans.clear()
+                    out = call()
                 density = sum(p.density() * hp for p, hp in plans) / heads  # skipped heads count 0
                 launches = len(plans)
                 rel = float((out.float() - ref).norm() / ref.norm())
-                ms = timed(partial(method.attend, q, k, v, layout, ctx, kernel), args.repeats, args.warmup, device)
+                ms = timed(call, args.repeats, args.warmup, device)
                 row = dict(shape=shape_name, tokens=n, method=label, backend=backend, density=density, ms=ms,
                            speedup=dense_ms / ms, plan_ms=plan_ms, rel_l2=rel, launches=launches)  # fmt: skip
                 results["rows"].append(row)
                 print(f"  {label:<22} {backend:<9} density {density:.3f}  {ms:8.3f} ms  x{dense_ms / ms:5.2f}  "
                       f"launches {launches}  rel_l2 {rel:.3f}", flush=True)  # fmt: skip
+        for backend in backends:
+            row = rettention_cycle_row([r for r in results["rows"] if r["shape"] == shape_name and
+                                        r["backend"] == backend])  # fmt: skip
+            row2 = adaspa_schedule_row([r for r in results["rows"] if r["shape"] == shape_name and
+                                        r["backend"] == backend])  # fmt: skip
+            if row2 is not None:
+                results["rows"].append(row2)
+                print(f"  {row2['method']:<22} {backend:<9} density {row2['density']:.3f}  {row2['ms']:8.3f} ms  "
+                      f"x{row2['speedup']:5.2f}  (mean sparse step of the paper's schedule)", flush=True)  # fmt: skip
+            if row is not None:
+                results["rows"].append(row)
+                print(f"  {row['method']:<22} {backend:<9} density {row['density']:.3f}  {row['ms']:8.3f} ms  "
+                      f"x{row['speedup']:5.2f}  (mean step of its refresh cycle)", flush=True)  # fmt: skip
     return results
 
 
@@ -176,12 +277,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| {r['shape']} | {r['tokens']} | {r['method']} | {r['backend']} | {r['density']:.3f} | {r['ms']:.3f} "
             f"| {r['speedup']:.2f} | {r.get('launches', '')} | {r['plan_ms']:.1f} | {r['rel_l2']:.3f} |"
         )
+    if any(r["method"].startswith("rettention") for r in results["rows"]):
+        lines += ["", RETTENTION_NOTE]
+    if any(r["method"] in ("draft", "adaspa") for r in results["rows"]):
+        lines += ["", DYNAMIC_NOTE]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="triton", help="comma-separated kernel backends (triton, flex)")
+    ap.add_argument("--methods", default="", help="comma-separated method names or row labels (default: all)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))

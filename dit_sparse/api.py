@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from dit_sparse.pipelines import adapter_for, find_adapter
-from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor
-from dit_sparse.state import Tracker, TransformerStats, get_tracker
+from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor, clear_binding
+from dit_sparse.state import GlobalHooks, Tracker, TransformerStats, get_tracker
 
 _TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 
@@ -56,6 +56,10 @@ def apply(
         **params: the method's hyper-parameters.
 
     Applying again replaces the previous application (the originals stay the model's own processors).
+
+    ``torch.compile``: apply, then compile (``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
+    ``torch.compile(transformer)``); each self-attention call is a graph break that runs the method eagerly, nothing
+    recompiles per step (see :mod:`dit_sparse.processor`).
     """
     models = _transformers(pipe_or_transformer)
     adapters = [adapter_for(model) for _, model in models]  # unsupported class: error before any change
@@ -84,6 +88,7 @@ def _remove_one(model: nn.Module) -> None:
     if applied is not None:
         for module, original in applied.originals.items():
             adapter.set_processor(module, original)
+            clear_binding(module)
     # processors set the Diffusers way (set_attn_processor(SparseProcessor(...))): back to native ones
     if adapter is not None:
         for name, module in adapter.attention_modules(model):
@@ -91,6 +96,7 @@ def _remove_one(model: nn.Module) -> None:
             if isinstance(proc, SparseProcessor):
                 native = proc.native_of(module)
                 adapter.set_processor(module, native if native is not None else adapter.native_processor(name, module))
+            clear_binding(module)
     tracker = get_tracker(model)
     if tracker is not None:
         tracker.detach()
@@ -100,6 +106,7 @@ def remove(pipe_or_transformer: Any) -> Any:
     """Undo :func:`apply`: the original processor objects are back and the hooks are gone (bit-exact outputs)."""
     for _, model in _transformers(pipe_or_transformer):
         _remove_one(model)
+    GlobalHooks.sweep()  # the global first-sighting hooks, if no SparseProcessor is left
     return pipe_or_transformer
 
 

@@ -16,8 +16,21 @@ timestep stays fixed (a rising one would start a new generation); ``dense_steps=
 Timing: CUDA events, warm-up excluded, median of ``repeats``; the dense baseline is the model's own processors (torch
 SDPA as Diffusers runs it), measured in the same process. For each method the report gives the forward time, the
 speedup, the method's density over all self-attention calls (dense layers count 1), the attention share ``a`` of the
-dense forward and the Amdahl limit ``1 / ((1 - a) + a * density)``, and the fraction reached.
-CUDA only: ``dit-sparse bench`` / ``python benchmarks/e2e.py [--quick]``.
+dense forward and the Amdahl limit ``1 / ((1 - a) + a * density)``, and the fraction reached. A method whose steps
+differ in cost (``cycle_steps > 1``: Re-ttention's dense refresh every few steps) is timed over whole cycles and
+reported with the mean forward time and the density over one cycle (refresh steps count 1 + sparse density).
+
+``compile="blocks"`` / ``"full"`` (``--compile``): after a model's eager figures, the same model is compiled the way
+users compile it (``blocks``: regional, ``transformer.compile_repeated_blocks()`` where the class defines
+``_repeated_blocks``, else ``block.compile()`` per block; ``full``: ``torch.compile(transformer)``; inductor,
+``dynamic=False``) and dense and every method are timed again in the same run, side by side with the eager figures:
+dense = the model's own processors compiled (SDPA inside the graph), methods = dit_sparse applied (its self-attention
+call is a graph break that runs eagerly). At least 2 untimed warm-up forwards per method absorb compilation (the first
+forward's time, compilation included, is reported; so is any graph compiled while timing). The compiled dense
+attention share is the dense forward's SDPA time (CUDA events in the eager forward: the compiled graph runs the same SDPA
+kernels) over the compiled dense forward time; compiled speedups are given against the compiled dense forward and the
+eager one, and the Amdahl limit uses the compiled share.
+CUDA only: ``dit-sparse bench`` / ``python benchmarks/e2e.py [--quick] [--compile blocks]``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +113,7 @@ def _wan_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dty
     return inputs, (lat[2] // pt) * (lat[3] // ph) * (lat[4] // pw)
 
 
-def _cogvideox_inputs(
-    model: Any, shape: Shape, device: torch.device, dtype: torch.dtype
-) -> tuple[dict[str, Any], int]:
+def _cogvideox_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
     """CogVideoXPipeline: latent (B, F', C, H/8, W/8) with F' padded to a multiple of ``patch_size_t``; RoPE tables
     from the pipeline's own ``_prepare_rotary_positional_embeddings`` (a pipeline holding only this transformer: with
     no VAE it uses the real scale factors 8 and 4); ``max_text_seq_length`` text tokens joined as a prefix."""
@@ -118,10 +130,12 @@ def _cogvideox_inputs(
     if cfg.use_rotary_positional_embeddings:
         rope = pipe._prepare_rotary_positional_embeddings(height, width, latent_frames, device)
     inputs = {
-        "hidden_states": torch.randn(1, latent_frames, cfg.in_channels, height // s, width // s, device=device,
-                                     dtype=dtype),
-        "encoder_hidden_states": torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, device=device,
-                                             dtype=dtype),
+        "hidden_states": torch.randn(
+            1, latent_frames, cfg.in_channels, height // s, width // s, device=device, dtype=dtype
+        ),
+        "encoder_hidden_states": torch.randn(
+            1, cfg.max_text_seq_length, cfg.text_embed_dim, device=device, dtype=dtype
+        ),
         "timestep": torch.tensor([999], device=device),
         "image_rotary_emb": rope,
         "return_dict": False,
@@ -134,9 +148,7 @@ HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline max_sequence_length (after cro
 HUNYUAN_PROMPT_TOKENS = 64  # valid (unpadded) prompt tokens; the other text keys are masked as padding
 
 
-def _hunyuan_inputs(
-    model: Any, shape: Shape, device: torch.device, dtype: torch.dtype
-) -> tuple[dict[str, Any], int]:
+def _hunyuan_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
     """HunyuanVideoPipeline: latent (B, C, (F-1)/4+1, H/8, W/8); 256 text tokens joined as a suffix with a padding
     mask (first ``HUNYUAN_PROMPT_TOKENS`` valid); CLIP pooled projection; distilled guidance 6.0 x 1000."""
     frames, height, width = shape
@@ -309,30 +321,48 @@ def _query_key(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch
     return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(named))  # type: ignore[return-value]
 
 
+def _mark(device: torch.device) -> Any:
+    """A point in time: a recorded CUDA event on a CUDA device, the wall clock elsewhere (CPU tests)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed_ms(start: Any, end: Any) -> float:
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _device_of(inputs: dict[str, Any]) -> torch.device:
+    return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
+
+
 class _SelfAttentionTimer(TorchFunctionMode):
-    """Times every self-attention SDPA call (N_q == N_k >= ``min_tokens``: not the text refiner) with CUDA events."""
+    """Times every self-attention SDPA call (N_q == N_k >= ``min_tokens``: not the text refiner) with CUDA events
+    (wall clock off CUDA)."""
 
     def __init__(self, min_tokens: int = 1024) -> None:
         super().__init__()
         self.min_tokens = min_tokens
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.spans: list[tuple[Any, Any]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k = _query_key(args, kwargs)
             if q.shape[-2] == k.shape[-2] >= self.min_tokens:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start = _mark(q.device)
                 out = func(*args, **kwargs)
-                end.record()
-                self.events.append((start, end))
+                self.spans.append((start, _mark(q.device)))
                 return out
         return func(*args, **kwargs)
 
     def total_ms(self) -> float:
-        torch.cuda.synchronize()
-        return sum(s.elapsed_time(e) for s, e in self.events)
+        return sum(_elapsed_ms(s, e) for s, e in self.spans)
 
 
 @contextlib.contextmanager
@@ -346,38 +376,86 @@ def _step(model: Any, steps: Iterator[int]) -> Iterator[None]:
 
 
 def time_forward(
-    model: Any, inputs: dict, repeats: int, warmup: int = 2, steps: Iterator[int] | None = None
+    model: Any,
+    inputs: dict,
+    repeats: int,
+    warmup: int = 2,
+    steps: Iterator[int] | None = None,
+    call: Callable[..., Any] | None = None,
 ) -> list[float]:
-    """Milliseconds of ``repeats`` forwards (CUDA events), after ``warmup`` untimed ones; each forward is the next
-    step of ``steps`` (see the module docstring)."""
+    """Milliseconds of ``repeats`` forwards (CUDA events; wall clock off CUDA), after ``warmup`` untimed ones; each
+    forward is the next step of ``steps`` (see the module docstring). ``call`` runs the forward (default: ``model``;
+    ``torch.compile(model)`` for a compiled one)."""
     steps = steps if steps is not None else itertools.count()
+    call = call if call is not None else model
+    device = _device_of(inputs)
     with torch.inference_mode():
         for _ in range(warmup):
             with _step(model, steps):
-                model(**inputs)
+                call(**inputs)
         times = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with _step(model, steps):
-                start.record()
-                model(**inputs)
-                end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+                start = _mark(device)
+                call(**inputs)
+                end = _mark(device)
+            times.append(_elapsed_ms(start, end))
     return times
 
 
-def attention_share(model: Any, inputs: dict, steps: Iterator[int] | None = None) -> float:
-    """Fraction of one dense forward spent in self-attention SDPA calls."""
-    timer = _SelfAttentionTimer()
+def _warmup_s(model: Any, inputs: dict, steps: Iterator[int], call: Callable[..., Any]) -> float:
+    """Seconds of one untimed forward, synchronized (a compiled model's first one includes compilation)."""
+    device = _device_of(inputs)
+    start = time.perf_counter()
+    with torch.inference_mode(), _step(model, steps):
+        call(**inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def attention_time(
+    model: Any, inputs: dict, steps: Iterator[int] | None = None, min_tokens: int = 1024
+) -> tuple[float, float]:
+    """(self-attention SDPA ms, forward ms) of one dense forward."""
+    timer = _SelfAttentionTimer(min_tokens)
+    device = _device_of(inputs)
     with torch.inference_mode(), _step(model, steps if steps is not None else itertools.count()):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = _mark(device)
         with timer:
             model(**inputs)
-        end.record()
-        torch.cuda.synchronize()
-    return timer.total_ms() / start.elapsed_time(end)
+        end = _mark(device)
+        total = _elapsed_ms(start, end)
+    return timer.total_ms(), total
+
+
+def attention_share(model: Any, inputs: dict, steps: Iterator[int] | None = None, min_tokens: int = 1024) -> float:
+    """Fraction of one dense forward spent in self-attention SDPA calls."""
+    attn, total = attention_time(model, inputs, steps, min_tokens)
+    return attn / total
+
+
+COMPILE_MODES = ("none", "blocks", "full")
+
+
+def compile_model(model: Any, spec: ModelSpec, mode: str, **options: Any) -> Callable[..., Any]:
+    """Compile ``model`` the way users do (see the module docstring); returns what runs its forward.
+
+    ``blocks``: regional compilation in place (``model.compile_repeated_blocks(**options)`` where the class defines
+    ``_repeated_blocks``, else ``block.compile(**options)`` on each block of ``spec.layers_attr``); returns ``model``.
+    ``full``: returns ``torch.compile(model, **options)``. ``options`` default to ``dynamic=False``.
+    """
+    options = {"dynamic": False, **options}
+    if mode == "blocks":
+        if getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks(**options)
+        else:
+            for block in getattr(model, spec.layers_attr):
+                block.compile(**options)
+        return model
+    if mode == "full":
+        return torch.compile(model, **options)
+    raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -398,6 +476,15 @@ class BenchRow:
     fraction_of_limit: float
     extra: dict = field(default_factory=dict)
     note: str = ""
+    # the same forward with the model compiled (``compile`` != "none"; see the module docstring)
+    compile: str = "none"
+    compiled_ms: float | None = None
+    compiled_ms_all: list[float] = field(default_factory=list)
+    compiled_speedup: float | None = None  # vs the compiled dense forward
+    compiled_speedup_vs_eager: float | None = None  # vs the eager dense forward
+    compiled_attention_share: float | None = None
+    compiled_amdahl_limit: float | None = None
+    compiled_fraction_of_limit: float | None = None
 
 
 def _check_args(models: list[str], shapes: list[str] | None, methods: list[str]) -> list[tuple[str, dict]]:
@@ -423,24 +510,32 @@ def run(
     command: str = "",
     *,
     quick: bool = False,
+    compile: str = "none",
+    device: str | torch.device | None = None,
 ) -> list[BenchRow]:
     """Time dense vs each method spec (``"radial"``, ``"window:window=1,1,1"``) on each model and shape.
 
     ``shapes`` names shapes of any of the models (a model without that shape is skipped; None: all of each model's).
     ``quick``: a light pass for a small GPU budget (about 4 minutes on an H100): models default to
     ``QUICK_MODELS``, at most ``QUICK_REPEATS`` repeats after 1 warm-up, and each model's ``quick_subset`` of blocks.
+    ``compile``: ``none``, ``blocks`` or ``full``: also time every row with the model compiled (module docstring).
+    ``device``: default CUDA (required); another device (tests: ``"cpu"``, fp32) times with the wall clock.
     """
     import dit_sparse
+    from dit_sparse.methods import get_method
 
     models = list(models or (QUICK_MODELS if quick else ["wan2.1-1.3b"]))
-    methods = list(methods or ["window", "radial"])
+    methods = list(methods or ["window", "radial", "rettention", "draft", "adaspa"])
     specs = _check_args(models, shapes, methods)
-    if not torch.cuda.is_available():
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if device is None and not torch.cuda.is_available():
         raise RuntimeError(
             "dit_sparse.bench times CUDA kernels on full-size models and needs an NVIDIA GPU; no CUDA device is "
             f"visible here (torch {torch.__version__}). Use `dit-sparse eval` on the CPU."
         )
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device = torch.device(device if device is not None else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     warmup = 1 if quick else 2
     if quick:
         repeats = min(repeats, QUICK_REPEATS)
@@ -455,24 +550,31 @@ def run(
             steps = itertools.count()
             dense_ms = time_forward(model, inputs, repeats, warmup, steps)
             dense = statistics.median(dense_ms)
-            share = attention_share(model, inputs, steps)
+            attn_ms, attn_fwd_ms = attention_time(model, inputs, steps, min(1024, tokens))
+            share = attn_ms / attn_fwd_ms
             rows.append(
-                BenchRow(name, shape_name, tokens, "dense", {}, dense, dense_ms, 1.0, 1.0, share, 1.0, 1.0, note=note)
-            )
+                BenchRow(
+                    name, shape_name, tokens, "dense", {}, dense, dense_ms, 1.0, 1.0, share, 1.0, 1.0,
+                    {"attention_ms": attn_ms}, note=note,
+                )
+            )  # fmt: skip
             for method, params in specs:
                 params = {"dense_steps": 0, **params}  # one forward = one sparse step; warm-up steps are not timed
+                # steps of unequal cost (rettention: a dense refresh every `cycle` steps): whole cycles, mean time
+                cycle = max(1, int(getattr(get_method(method, **params), "cycle_steps", 1)))
                 dit_sparse.apply(model, method, **params)
                 try:
                     steps = itertools.count()  # a fresh generation: steps 0, 1, ... as in a real run
-                    ms = time_forward(model, inputs, repeats, warmup, steps)
+                    ms = time_forward(model, inputs, -(-repeats // cycle) * cycle, warmup, steps)
                     dit_sparse.report(model, reset=True)
-                    time_forward(model, inputs, 1, 0, steps)
+                    time_forward(model, inputs, cycle, 0, steps)
                     rep = dit_sparse.report(model, reset=True)
                 finally:
                     dit_sparse.remove(model)
                 density = (rep.density * rep.sparse_calls + rep.dense_calls) / max(1, rep.calls)
                 limit = 1.0 / ((1.0 - share) + share * density)
-                speedup = dense / statistics.median(ms)
+                forward_ms = statistics.median(ms) if cycle == 1 else statistics.mean(ms)
+                speedup = dense / forward_ms
                 rows.append(
                     BenchRow(
                         name,
@@ -480,29 +582,101 @@ def run(
                         tokens,
                         method,
                         params,
-                        statistics.median(ms),
+                        forward_ms,
                         ms,
                         speedup,
                         density,
                         share,
                         limit,
                         speedup / limit,
-                        {"sparse_calls": rep.sparse_calls, "calls": rep.calls},
+                        {"sparse_calls": rep.sparse_calls, "calls": rep.calls, "cycle_steps": cycle},
                         note,
                     )
                 )
             print(format_table([r for r in rows if r.model == name and r.shape == shape_name]), flush=True)
             del inputs
+        if compile != "none":
+            time_compiled(model, spec, [r for r in rows if r.model == name], compile, repeats, warmup, device, dtype)
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if out is not None:
         write_results(rows, Path(out), command)
     return rows
 
 
+def time_compiled(
+    model: Any,
+    spec: ModelSpec,
+    rows: list[BenchRow],
+    mode: str,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Compile ``model`` (:func:`compile_model`) and time again every row of its eager pass (dense first per shape,
+    each method with the same parameters), filling the rows' ``compiled_*`` fields (see the module docstring). A row
+    that fails compiled keeps its eager figures and gets ``extra["compiled_error"]`` (one expensive run keeps the rest).
+    """
+    from torch._dynamo.utils import counters
+
+    import dit_sparse
+
+    call = compile_model(model, spec, mode)
+    warmup = max(2, warmup)
+    for shape_name in dict.fromkeys(r.shape for r in rows):
+        torch._dynamo.reset()  # static shapes: the previous shape's graphs are of no further use
+        shape_rows = [r for r in rows if r.shape == shape_name]
+        dense_row = shape_rows[0]
+        assert dense_row.method == "dense", "each shape's rows start with its dense row"
+        inputs, _ = spec.make_inputs(model, spec.shapes[shape_name], device, dtype)
+        for row in shape_rows:
+            sparse = row.method != "dense"
+            row.compile = mode
+            if sparse:
+                dit_sparse.apply(model, row.method, **row.params)
+            try:
+                steps = itertools.count()
+                first = [round(_warmup_s(model, inputs, steps, call), 3) for _ in range(warmup)]
+                graphs = counters["stats"]["unique_graphs"]
+                cycle = max(1, int(row.extra.get("cycle_steps", 1)))
+                ms = time_forward(model, inputs, -(-repeats // cycle) * cycle, 0, steps, call)
+                graphs = counters["stats"]["unique_graphs"] - graphs
+            except Exception as exc:  # noqa: BLE001 - reported in the row and the table
+                row.extra["compiled_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                print(f"!! {row.model} {row.shape} {row.method} compiled ({mode}) failed: {row.extra['compiled_error']}",
+                      flush=True)  # fmt: skip
+                continue
+            finally:
+                if sparse:
+                    dit_sparse.remove(model)
+            row.compiled_ms_all = ms
+            row.compiled_ms = statistics.median(ms) if cycle == 1 else statistics.mean(ms)
+            row.extra["compiled_warmup_s"] = first
+            row.extra["compiled_graphs_while_timed"] = graphs
+        dense = dense_row.compiled_ms
+        if dense is None:
+            continue
+        share = min(1.0, dense_row.extra.get("attention_ms", dense_row.attention_share * dense_row.forward_ms) / dense)
+        for row in shape_rows:
+            if row.compiled_ms is None:
+                continue
+            row.compiled_speedup = dense / row.compiled_ms
+            row.compiled_speedup_vs_eager = dense_row.forward_ms / row.compiled_ms
+            row.compiled_attention_share = share
+            row.compiled_amdahl_limit = 1.0 / ((1.0 - share) + share * row.density)
+            row.compiled_fraction_of_limit = row.compiled_speedup / row.compiled_amdahl_limit
+        print(format_table(shape_rows), flush=True)
+        del inputs
+
+
 def format_table(rows: list[BenchRow]) -> str:
-    """A markdown table of the rows, followed by each model's note."""
+    """A markdown table of the rows, followed by each model's note (with compiled rows: eager and compiled figures
+    side by side, and what the compiled warm-up forwards took)."""
+    if any(r.compiled_ms is not None for r in rows):
+        return _format_compiled(rows)
     head = "| model | shape | tokens | method | forward ms | speedup | density | attn share | Amdahl limit | of limit |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:
@@ -514,6 +688,50 @@ def format_table(rows: list[BenchRow]) -> str:
     if notes:
         lines += ["", *(f"- {model}: {note}" for model, note in notes)]
     return "\n".join(lines)
+
+
+def _format_compiled(rows: list[BenchRow]) -> str:
+    head = (
+        "| model | shape | tokens | method | density | eager ms | speedup | attn share | Amdahl limit | of limit | "
+        "compiled ms | vs compiled dense | vs eager dense | compiled attn share | compiled Amdahl limit | of limit |"
+    )
+    lines = [head, "|" + "---|" * 16]
+    for r in rows:
+        eager = (
+            f"| {r.model} | {r.shape} | {r.tokens} | {r.method} | {r.density:.3f} | {r.forward_ms:.1f} | "
+            f"{r.speedup:.2f}x | {r.attention_share:.2f} | {r.amdahl_limit:.2f}x | {r.fraction_of_limit:.0%} |"
+        )
+        if r.compiled_ms is None:
+            lines.append(eager + " - | - | - | - | - | - |")
+        else:
+            lines.append(
+                f"{eager} {r.compiled_ms:.1f} | {r.compiled_speedup:.2f}x | {r.compiled_speedup_vs_eager:.2f}x | "
+                f"{r.compiled_attention_share:.2f} | {r.compiled_amdahl_limit:.2f}x | {r.compiled_fraction_of_limit:.0%} |"
+            )
+    notes = [f"- {model}: {note}" for model, note in dict.fromkeys((r.model, r.note) for r in rows if r.note)]
+    modes = sorted({r.compile for r in rows if r.compiled_ms is not None})
+    notes.append(
+        f"- compiled ({', '.join(modes)}; blocks = regional compile_repeated_blocks, full = torch.compile(transformer); "
+        "inductor, dynamic=False): dense = the model's own processors compiled; methods = dit_sparse applied, their "
+        "self-attention a graph break run eagerly. Untimed warm-up forwards absorb compilation; compiled attn share = "
+        "eager dense SDPA time / compiled dense forward"
+    )
+    for (model, shape), group in itertools.groupby(rows, key=lambda r: (r.model, r.shape)):
+        group = [r for r in group if r.compiled_ms is not None]
+        if group:
+            warm = ", ".join(
+                f"{r.method} {' + '.join(f'{s:.1f}' for s in r.extra.get('compiled_warmup_s', []))} s" for r in group
+            )
+            extra = [f"{r.method} {r.extra['compiled_graphs_while_timed']}" for r in group
+                     if r.extra.get("compiled_graphs_while_timed")]  # fmt: skip
+            timed = f"; graphs compiled while timed: {', '.join(extra)}" if extra else "; no graph compiled while timed"
+            notes.append(f"- {model} {shape} untimed warm-up forwards (compilation included): {warm}{timed}")
+    for r in rows:
+        if "compiled_error" in r.extra:
+            notes.append(
+                f"- {r.model} {r.shape} {r.method} compiled ({r.compile}): FAILED, {r.extra['compiled_error']}"
+            )
+    return "\n".join([*lines, "", *notes])
 
 
 def environment() -> dict[str, Any]:
@@ -543,8 +761,13 @@ def write_results(rows: list[BenchRow], out: Path, command: str) -> None:
     env = environment()
     used = dict.fromkeys(r.model for r in rows)
     models = {
-        m: {"class": MODELS[m].cls_name, "config": MODELS[m].config, "subset": MODELS[m].subset,
-            "quick_subset": MODELS[m].quick_subset, "source": MODELS[m].source}
+        m: {
+            "class": MODELS[m].cls_name,
+            "config": MODELS[m].config,
+            "subset": MODELS[m].subset,
+            "quick_subset": MODELS[m].quick_subset,
+            "source": MODELS[m].source,
+        }
         for m in used
         if m in MODELS
     }

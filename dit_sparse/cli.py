@@ -3,7 +3,7 @@
     dit-sparse generate "a red circle moving right" --method radial [--model PATH] [--steps N] [--seed S]
         [--frames F --height H --width W] [--guidance G] [--out video.mp4] [--force] [--param key=value ...]
     dit-sparse eval --methods dense,window,radial --prompts FILE|builtin --seeds 0,1 --out runs/NAME
-    dit-sparse bench [--models ...] [--methods ...]          (CUDA only)
+    dit-sparse bench [--models ...] [--methods ...] [--quick] [--compile none|blocks|full]   (CUDA only)
     dit-sparse search ...                                     (offline search of static methods, where present)
 
 ``python -m dit_sparse`` is the same command. Errors in the arguments are reported before any model is loaded.
@@ -58,8 +58,10 @@ def check_method(name: str, params: dict[str, Any]) -> None:
             raise CLIError("--method none (the model's own attention) takes no --param")
         return
     if name not in available_methods():
-        raise CLIError(f"unknown method {name!r}; known methods: {', '.join(available_methods())} "
-                       "(or 'none' for the model's own attention)")
+        raise CLIError(
+            f"unknown method {name!r}; known methods: {', '.join(available_methods())} "
+            "(or 'none' for the model's own attention)"
+        )
     try:
         make_config(name, params)
     except (TypeError, ValueError) as e:
@@ -74,7 +76,9 @@ def parse_seeds(text: str) -> list[int]:
         try:
             seeds.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
         except ValueError:
-            raise CLIError(f"bad --seeds {text!r}: write integers separated by commas (0,1,2) or a range (0-3)") from None
+            raise CLIError(
+                f"bad --seeds {text!r}: write integers separated by commas (0,1,2) or a range (0-3)"
+            ) from None
     if not seeds:
         raise CLIError(f"bad --seeds {text!r}: no seed given")
     return seeds
@@ -112,8 +116,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", help="negative prompt")
     p.add_argument("--fps", type=_positive(int), help="frames per second of the written video")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "reference"],
-                   help="block-sparse kernel backend (default: auto)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "flex", "reference"],
+        help="block-sparse kernel backend (default: auto)",
+    )
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the pipeline in this dtype")
 
@@ -155,27 +163,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from dit_sparse.eval.video import write_video  # noqa: PLC0415
 
-    settings = resolve_settings(args.steps, args.frames, args.height, args.width, args.guidance,
-                                args.negative_prompt, fps=args.fps, embedded=is_embedded_model(args.model))
+    settings = resolve_settings(
+        args.steps,
+        args.frames,
+        args.height,
+        args.width,
+        args.guidance,
+        args.negative_prompt,
+        fps=args.fps,
+        embedded=is_embedded_model(args.model),
+    )
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     settings = complete_settings(settings, pipe)
-    g = generate(pipe, args.prompt, args.seed, settings, method=args.method, params=params, backend=args.backend,
-                 progress=not args.quiet, desc=f"{args.method} step", leave=True)
+    g = generate(
+        pipe,
+        args.prompt,
+        args.seed,
+        settings,
+        method=args.method,
+        params=params,
+        backend=args.backend,
+        progress=not args.quiet,
+        desc=f"{args.method} step",
+        leave=True,
+    )
     written, note = write_video(out, g.video, fps=settings.fps)
     if note:
         print(f"note: {note}")
     rep = g.report
     print(f"method: {args.method}" + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""))
-    print(f"time: {g.seconds:.2f} s for {settings.steps} steps (model load {load_s:.1f} s); "
-          f"transformer {g.transformer_ms_per_step:.1f} ms/step ({g.timing})"
-          if g.transformer_ms_per_step is not None else f"time: {g.seconds:.2f} s")
+    print(
+        f"time: {g.seconds:.2f} s for {settings.steps} steps (model load {load_s:.1f} s); "
+        f"transformer {g.transformer_ms_per_step:.1f} ms/step ({g.timing})"
+        if g.transformer_ms_per_step is not None
+        else f"time: {g.seconds:.2f} s"
+    )
     if rep is not None:
         dens, sparse, dense = rep.get("density"), rep.get("sparse_calls") or 0, rep.get("dense_calls") or 0
         if not sparse:
-            print(f"density: 1.000 (no sparse call: all {dense} self-attention calls ran dense by policy: "
-                  "dense_steps, dense_layers or min_seq_len; see --param)")
+            print(
+                f"density: 1.000 (no sparse call: all {dense} self-attention calls ran dense by policy: "
+                "dense_steps, dense_layers or min_seq_len; see --param)"
+            )
         else:
             print(f"density: {dens:.3f} over {sparse} sparse self-attention calls ({dense} left dense by policy)")
     else:
@@ -208,11 +239,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_model(args.model)
     out = args.out or f"runs/eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run(
-        model=args.model, methods=specs, prompts=prompts, seeds=seeds, out=out, steps=args.steps,
-        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, fps=args.fps, backend=args.backend, error_sample=args.error_sample,
-        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, lpips=not args.no_lpips,
-        videos=not args.no_videos, amplify=args.amplify, progress=not args.quiet,
+        model=args.model,
+        methods=specs,
+        prompts=prompts,
+        seeds=seeds,
+        out=out,
+        steps=args.steps,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        fps=args.fps,
+        backend=args.backend,
+        error_sample=args.error_sample,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        lpips=not args.no_lpips,
+        videos=not args.no_videos,
+        amplify=args.amplify,
+        progress=not args.quiet,
     )
     return 0
 
@@ -232,16 +279,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     if not torch.cuda.is_available():
-        raise CLIError("bench times CUDA kernels on full-size models and needs an NVIDIA GPU; no CUDA device is "
-                       f"visible here (torch {torch.__version__}). Use `dit-sparse eval` on the CPU.")
+        raise CLIError(
+            "bench times CUDA kernels on full-size models and needs an NVIDIA GPU; no CUDA device is "
+            f"visible here (torch {torch.__version__}). Use `dit-sparse eval` on the CPU."
+        )
     bench = _bench_module()
     if bench is None or not hasattr(bench, "run"):
         raise CLIError("this build of dit-sparse has no benchmark (dit_sparse.bench.run is missing)")
     for m in args.methods or []:
         name, _, rest = m.partition(":")
         check_method(name.strip(), {})  # names only here; bench.run checks the settings
-    out = args.out or f"benchmarks/results/e2e-{datetime.date.today().isoformat()}"
-    bench.run(args.models, args.shapes, args.methods, args.repeats, out, "dit-sparse " + shlex.join(sys.argv[1:]))
+    quick, compile_mode = getattr(args, "quick", False), getattr(args, "compile", "none")
+    out = args.out or (
+        f"benchmarks/results/e2e-{datetime.date.today().isoformat()}{'-quick' if quick else ''}"
+        f"{'' if compile_mode == 'none' else '-compile-' + compile_mode}"
+    )
+    kwargs = {"quick": quick} | ({"compile": compile_mode} if compile_mode != "none" else {})
+    bench.run(args.models, args.shapes, args.methods, args.repeats, out, "dit-sparse " + shlex.join(sys.argv[1:]),
+              **kwargs)  # fmt: skip
     return 0
 
 
@@ -260,11 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate a video with a sparse-attention method",
-                       description="Generate one video with a sparse-attention method.")
+    g = sub.add_parser(
+        "generate",
+        help="generate a video with a sparse-attention method",
+        description="Generate one video with a sparse-attention method.",
+    )
     g.add_argument("prompt", nargs="?", default=None, help="text prompt (default: the embedded model's example)")
-    g.add_argument("--method", required=True, help=f"sparse-attention method ({', '.join(_method_names())}), "
-                   "or 'none' for the model's own attention")
+    g.add_argument(
+        "--method",
+        required=True,
+        help=f"sparse-attention method ({', '.join(_method_names())}), or 'none' for the model's own attention",
+    )
     g.add_argument("--param", action="append", metavar="KEY=VALUE", help="method hyper-parameter (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: the model's default, else 0)")
     g.add_argument("--out", help="output video (.mp4; default: <prompt>-<method>-s<seed>.mp4)")
@@ -273,16 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="quality vs speed of methods against dense attention",
-                       description="Quality (PSNR/SSIM/LPIPS vs the dense video) and speed of each method setting.")
-    e.add_argument("--methods", action="append", required=True, metavar="SPECS",
-                   help="comma-separated method settings, e.g. dense,window:window=1,1,1;tile=2,8,8,radial (repeatable)")
+    e = sub.add_parser(
+        "eval",
+        help="quality vs speed of methods against dense attention",
+        description="Quality (PSNR/SSIM/LPIPS vs the dense video) and speed of each method setting.",
+    )
+    e.add_argument(
+        "--methods",
+        action="append",
+        required=True,
+        metavar="SPECS",
+        help="comma-separated method settings, e.g. dense,window:window=1,1,1;tile=2,8,8,radial (repeatable)",
+    )
     e.add_argument("--prompts", default="builtin", help="a text file with one prompt per line, or 'builtin'")
     e.add_argument("--seeds", default="0", help="seeds, e.g. 0,1 or 0-3 (default 0)")
     e.add_argument("--out", help="run folder (default runs/eval-<date>-<time>); rerunning resumes it")
-    e.add_argument("--param", action="append", metavar="KEY=VALUE", help="hyper-parameter for every method (repeatable)")
-    e.add_argument("--error-sample", type=int, default=1,
-                   help="attention error on every n-th layer, in an extra untimed pass (0: off; default 1)")
+    e.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="hyper-parameter for every method (repeatable)"
+    )
+    e.add_argument(
+        "--error-sample",
+        type=int,
+        default=1,
+        help="attention error on every n-th layer, in an extra untimed pass (0: off; default 1)",
+    )
     e.add_argument("--cache-dir", help="dense reference cache (default <out>/dense)")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     e.add_argument("--no-videos", action="store_true", help="skip the side-by-side videos")
@@ -291,15 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(e)
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="speed on full-size architectures (CUDA only)",
-                       description="Transformer-forward timing, dense vs methods, on full-size video DiTs (CUDA only).")
+    b = sub.add_parser(
+        "bench",
+        help="speed on full-size architectures (CUDA only)",
+        description="Transformer-forward timing, dense vs methods, on full-size video DiTs (CUDA only).",
+    )
     bench = _bench_module()
     models = sorted(getattr(bench, "MODELS", {})) if bench is not None else []
     b.add_argument("--models", nargs="+", default=None, choices=models or None, help="models (default: the first)")
     b.add_argument("--shapes", nargs="+", default=None, help="shape names, e.g. 480p 720p (default: all)")
     b.add_argument("--methods", nargs="+", default=None, help="method specs, e.g. window radial:decay=0.2")
     b.add_argument("--repeats", type=_positive(int), default=5, help="timed repeats (median; default 5)")
-    b.add_argument("--out", help="results prefix (default benchmarks/results/e2e-<date>)")
+    b.add_argument("--quick", action="store_true", help="light pass: fewer repeats and blocks (see dit_sparse.bench)")
+    b.add_argument(
+        "--compile",
+        default="none",
+        choices=list(getattr(bench, "COMPILE_MODES", ("none",))),
+        help="also time dense and each method compiled: blocks (regional) or full, next to eager",
+    )
+    b.add_argument("--out", help="results prefix (default benchmarks/results/e2e-<date>[-quick][-compile-<mode>])")
     b.set_defaults(func=cmd_bench)
 
     try:
@@ -335,8 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         if os.environ.get("DIT_SPARSE_DEBUG"):
             raise
-        print(f"{PROG} {args.command}: error: {type(e).__name__}: {e} (set DIT_SPARSE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"{PROG} {args.command}: error: {type(e).__name__}: {e} (set DIT_SPARSE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -5,6 +5,14 @@ The native processor runs unchanged (projections, norms, RoPE, output projection
 ``[B, H, N, D]``, as both direct callers and Diffusers' SDPA-based backends pass them). A self-attention call over the
 transformer's video (+ joint text) tokens goes to the method and the block-sparse kernel; anything else (cross-attention,
 short text attention) passes through. Dense warm-up steps, dense layers and short sequences are decided here, once.
+
+``torch.compile``: apply first, then compile. Regional compilation (``transformer.compile_repeated_blocks()`` where the
+model defines ``_repeated_blocks``, or ``block.compile()`` on each transformer block) and ``torch.compile(transformer)``
+both work: Dynamo traces the native processor (projections, norms, RoPE are compiled) and the interception, and breaks
+the graph only at the self-attention call, which runs eagerly (:func:`_attend_eager`: the method, the kernel, the
+per-step state). Nothing per-step is read in traced code, so steps never recompile; the transformer's hooks run
+eagerly. With ``torch.compile`` of the whole transformer the Diffusers way (``set_attn_processor``) needs
+``dit_sparse.apply`` or one eager forward first (global module hooks are not traced).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
+from dataclasses import dataclass
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -84,6 +94,31 @@ def plan_density(plan: BlockPlan) -> torch.Tensor:
     return d
 
 
+BINDING_ATTR = "_dit_sparse_binding"
+"""Attribute of an attention module holding its :class:`_Binding` (what traced code reads under ``torch.compile``)."""
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """What compiled code needs of one attention module, the same for every block (no per-layer values: one graph
+    serves all blocks): its own processor, the keywords that processor accepts, and whether it is self-attention."""
+
+    native: Any
+    accepted: frozenset[str] | None
+    self_attention: bool
+
+
+def _set_binding(module: nn.Module, native: Any, self_attention: bool) -> None:
+    binding = module.__dict__.get(BINDING_ATTR)
+    if binding is None or binding.native is not native or binding.self_attention != self_attention:
+        module.__dict__[BINDING_ATTR] = _Binding(native, _accepted(type(native)), self_attention)
+
+
+def clear_binding(module: nn.Module) -> None:
+    """Forget ``module``'s binding (``dit_sparse.remove``)."""
+    module.__dict__.pop(BINDING_ATTR, None)
+
+
 class SparseProcessor:
     """Attention processor that makes a video transformer's self-attention block-sparse.
 
@@ -97,6 +132,10 @@ class SparseProcessor:
             of the output and the LSE (0: off).
         **params: the method's hyper-parameters (its config dataclass; policy fields ``block_size``,
             ``dense_steps``, ``dense_layers``, ``min_seq_len`` included).
+
+    Under ``torch.compile`` (apply, then ``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
+    ``torch.compile(transformer)``) the native processor is traced and compiled; the self-attention call is a graph
+    break that runs the method eagerly with the current step's state; no recompilation per step or per block.
     """
 
     _attention_backend = None
@@ -119,36 +158,32 @@ class SparseProcessor:
         return f"SparseProcessor({self.method!r}, backend={self.backend!r})"
 
     # ---------------------------------------------------------------- wrapped processors
-    def bind(self, module: nn.Module, native: Any) -> None:
+    def bind(self, module: nn.Module, native: Any, self_attention: bool = True) -> None:
         """Use ``native`` (the module's own processor object) for ``module``."""
         self._natives[module] = native
+        _set_binding(module, native, self_attention)
 
     def native_of(self, module: nn.Module) -> Any | None:
         return self._natives.get(module)
 
-    def _native(self, module: nn.Module, name: str, adapter: Any) -> Any:
+    def _native(self, module: nn.Module, name: str, adapter: Any, self_attention: bool) -> Any:
         native = self._natives.get(module)
         if native is None:
             native = self._natives[module] = adapter.native_processor(name, module)
         for attr in ("_attention_backend", "_parallel_config"):
             if attr in self.__dict__ and hasattr(native, attr):
                 setattr(native, attr, self.__dict__[attr])
+        _set_binding(module, native, self_attention)
         return native
 
     # ---------------------------------------------------------------- the call
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        entry = current_frame()
-        if entry is None:
-            from dit_sparse.pipelines import supported_models
-
-            raise TypeError(
-                f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
-                f"transformer; supported transformers: {', '.join(supported_models())}"
-            )
-        frame = resolve_frame(entry)
+        if torch.compiler.is_compiling():
+            return self._traced_call(attn, args, kwargs)
+        frame = _frame_of(attn)
         tracker = frame.tracker
         name, index = tracker.layer_info(attn)
-        native = self._native(attn, name, tracker.adapter)
+        native = self._native(attn, name, tracker.adapter, index is not None)
         accepted = _accepted(type(native))
         if accepted is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -159,6 +194,22 @@ class SparseProcessor:
             out = native(attn, *args, **kwargs)
         if router.seen == 0:
             raise RuntimeError(self._no_sdpa_message(name, native))
+        return out
+
+    def _traced_call(self, attn: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """``__call__`` as Dynamo traces it: only per-module constants (the binding), the step lives in the eager part."""
+        binding = attn.__dict__.get(BINDING_ATTR)
+        if binding is None:  # the Diffusers way, first call: bind eagerly (one graph break, one recompile)
+            binding = _bind_eager(self, attn)
+        if binding.accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in binding.accepted}
+        if not binding.self_attention:
+            return binding.native(attn, *args, **kwargs)
+        router = _CompiledRouter(self, attn)
+        with router:
+            out = binding.native(attn, *args, **kwargs)
+        if not router.seen:  # known while tracing: a pinned non-SDPA backend
+            _no_sdpa_eager(self, attn, binding.native)
         return out
 
     @staticmethod
@@ -177,7 +228,7 @@ class SparseProcessor:
         )
 
     # ---------------------------------------------------------------- one SDPA call
-    def attention(self, router: _SDPARouter, func: Any, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    def attention(self, router: _SDPARouter | _Route, func: Any, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         """Route one SDPA call of a self-attention module: sparse path, dense policy, or pass-through."""
         q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(*args, **kwargs)
         frame = router.frame
@@ -335,3 +386,79 @@ class _SDPARouter(TorchFunctionMode):
             return func(*args, **kwargs)
         self.seen += 1
         return self.processor.attention(self, func, args, kwargs)
+
+
+@dataclass
+class _Route:
+    """Which self-attention call :meth:`SparseProcessor.attention` routes (the eager half of a compiled call)."""
+
+    frame: Frame
+    layer: str
+    index: int
+
+
+def _frame_of(attn: nn.Module, compiled: bool = False) -> Frame:
+    """The frame of the transformer forward running ``attn`` (a clear error outside any)."""
+    entry = current_frame()
+    if entry is None:
+        from dit_sparse.pipelines import supported_models
+
+        hint = ""
+        if compiled:
+            hint = (
+                " (under torch.compile of a whole transformer that was given a SparseProcessor the Diffusers way, "
+                "call dit_sparse.apply(...) or run one eager forward before compiling)"
+            )
+        raise TypeError(
+            f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
+            f"transformer; supported transformers: {', '.join(supported_models())}{hint}"
+        )
+    return resolve_frame(entry)
+
+
+@torch.compiler.disable
+def _bind_eager(processor: SparseProcessor, attn: nn.Module) -> _Binding:
+    """Bind ``attn``'s native processor outside the graph (first compiled call of a module set the Diffusers way)."""
+    frame = _frame_of(attn, compiled=True)
+    name, index = frame.tracker.layer_info(attn)
+    processor._native(attn, name, frame.tracker.adapter, index is not None)
+    return attn.__dict__[BINDING_ATTR]
+
+
+@torch.compiler.disable
+def _no_sdpa_eager(processor: SparseProcessor, attn: nn.Module, native: Any) -> None:
+    name, _ = _frame_of(attn, compiled=True).tracker.layer_info(attn)
+    raise RuntimeError(processor._no_sdpa_message(name, native))
+
+
+@torch.compiler.disable
+def _attend_eager(processor: SparseProcessor, attn: nn.Module, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The graph break of a compiled self-attention call: the current frame (step, layout, CFG pass) is read here, at
+    run time, and the call goes through :meth:`SparseProcessor.attention` as in eager mode."""
+    frame = _frame_of(attn, compiled=True)
+    name, index = frame.tracker.layer_info(attn)
+    if index is None:
+        return func(*args, **kwargs)
+    return processor.attention(_Route(frame, name, index), func, args, kwargs)
+
+
+class _CompiledRouter(TorchFunctionMode):
+    """The router Dynamo traces: hands the native processor's SDPA calls to :func:`_attend_eager` (a graph break)."""
+
+    def __init__(self, processor: SparseProcessor, attn: nn.Module) -> None:
+        super().__init__()
+        self.processor, self.attn = processor, attn
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.seen = True
+            return _attend_eager(self.processor, self.attn, func, args, kwargs)
+        if isinstance(func, FunctionType) and args and isinstance(args[0], torch.Tensor):
+            # Tensor methods written in Python (unflatten, __rsub__, ...): Dynamo cannot trace their body under a mode
+            # (super().unflatten), it traces the method call itself
+            name = func.__name__
+            if getattr(torch.Tensor, name, None) is func:
+                return getattr(args[0], name)(*args[1:], **kwargs)
+        return func(*args, **kwargs)

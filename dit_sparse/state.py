@@ -325,9 +325,13 @@ class Tracker:
             _pop(model)
 
     # -------------------------------------------------------------- per forward
+    # torch.compile(transformer) traces the module's hooks: these run eagerly (a graph break at the start and the end
+    # of the forward), so each forward publishes its own step instead of one baked into the graph.
+    @torch.compiler.disable
     def _pre(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self.begin(args, kwargs)
 
+    @torch.compiler.disable
     def _post(self, model: nn.Module, args: tuple, output: Any) -> None:
         frame = _pop(model)
         if isinstance(frame, Frame) and frame.start is not None:
@@ -406,7 +410,13 @@ def _context_hook_cls() -> type:
 class GlobalHooks:
     """While any SparseProcessor is alive, a global module hook notes forwards of supported, untracked transformers
     (``set_attn_processor(SparseProcessor())`` never hands dit_sparse the transformer); the processor attaches the
-    tracker on its first call inside such a forward."""
+    tracker on its first call inside such a forward.
+
+    When the last processor dies the hooks turn inert; :meth:`sweep` (``dit_sparse.remove``) removes them. Not the
+    processor's finalizer: the garbage collector may free a processor in the middle of a ``torch.compile``, whose
+    guards read the global hook dicts (removing a hook then breaks that compilation). Inert hooks cost an attribute
+    check per module call in eager mode and nothing in compiled code.
+    """
 
     _users = 0
     _handles: list[Any] = []
@@ -415,7 +425,7 @@ class GlobalHooks:
     @classmethod
     def acquire(cls) -> None:
         cls._users += 1
-        if cls._users == 1:
+        if not cls._handles:
             from torch.nn.modules import module as torch_module
 
             cls._handles = [
@@ -426,7 +436,11 @@ class GlobalHooks:
     @classmethod
     def release(cls) -> None:
         cls._users -= 1
-        if cls._users == 0:
+
+    @classmethod
+    def sweep(cls) -> None:
+        """Remove the hooks if no SparseProcessor is alive (call only outside any forward)."""
+        if cls._users == 0 and cls._handles:
             for handle in cls._handles:
                 handle.remove()
             cls._handles = []
@@ -442,7 +456,9 @@ class GlobalHooks:
 
     @classmethod
     def _pre(cls, module: nn.Module, args: tuple) -> None:
-        if module in _TRACKERS or cls._adapter(module) is None:
+        # traced code (a compiled block or transformer): nothing to note; a compiled transformer is tracked only once
+        # dit_sparse.apply or an eager forward attached its tracker (see SparseProcessor)
+        if torch.compiler.is_compiling() or cls._users <= 0 or module in _TRACKERS or cls._adapter(module) is None:
             return
         # global pre-hooks get no kwargs: read them from torch's Module._call_impl frame (pipelines pass kwargs)
         kwargs = _call_kwargs()
@@ -451,6 +467,8 @@ class GlobalHooks:
 
     @classmethod
     def _post(cls, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         stack = _LOCAL.stack
         if stack and isinstance(stack[-1], _Pending) and stack[-1].model is module:
             stack.pop()
