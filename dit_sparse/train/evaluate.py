@@ -42,18 +42,32 @@ def eval_prompts(n: int, two_objects: bool = False) -> list[str]:
 
 @torch.no_grad()
 def generate(
-    pipe, prompts: list[str], steps: int, guidance: float, frames: int, height: int, width: int,
-    batch: int = 10, seed0: int = NOISE_SEED,
+    pipe,
+    prompts: list[str],
+    steps: int,
+    guidance: float,
+    frames: int,
+    height: int,
+    width: int,
+    batch: int = 10,
+    seed0: int = NOISE_SEED,
 ) -> np.ndarray:
     """Videos (N, T, H, W, 3) in [0, 1] for ``prompts``; prompt i uses noise seed ``seed0 + i``."""
     dev = pipe._execution_device
     out = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         gens = [torch.Generator(device=dev).manual_seed(seed0 + i + j) for j in range(len(chunk))]
         res = pipe(
-            prompt=chunk, negative_prompt=[""] * len(chunk), num_frames=frames, height=height, width=width,
-            num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
+            prompt=chunk,
+            negative_prompt=[""] * len(chunk),
+            num_frames=frames,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
         )
         out.append(np.asarray(res.frames, dtype=np.float32))
     return np.concatenate(out)
@@ -66,10 +80,20 @@ def caption_agreement(videos: np.ndarray, prompts: list[str]) -> dict:
         "agreement": sum(c.ok for c in checks) / max(len(checks), 1),
         "n": len(checks),
         "details": [
-            {"prompt": c.caption, "ok": c.ok,
-             "objects": [{"colour": o.colour, "direction": o.direction, "detected": o.detected_direction,
-                          "found": round(o.found_frames, 2), "motion": [round(m, 3) for m in o.motion]}
-                         for o in c.objects]}
+            {
+                "prompt": c.caption,
+                "ok": c.ok,
+                "objects": [
+                    {
+                        "colour": o.colour,
+                        "direction": o.direction,
+                        "detected": o.detected_direction,
+                        "found": round(o.found_frames, 2),
+                        "motion": [round(m, 3) for m in o.motion],
+                    }
+                    for o in c.objects
+                ],
+            }
             for c in checks
         ],
     }
@@ -111,20 +135,38 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
     if args.card:
-        write_card(Path(args.model), json.loads(Path(args.card).read_text()),
-                   json.loads(Path(args.timing).read_text()) if args.timing else None)
+        write_card(
+            Path(args.model),
+            json.loads(Path(args.card).read_text()),
+            json.loads(Path(args.timing).read_text()) if args.timing else None,
+        )
         return
     if args.time_cpu:
         t0 = time.time()
         pipe = load_pipeline(args.model, "cpu")
         t1 = time.time()
         gen = torch.Generator().manual_seed(defaults.SEED)
-        pipe(defaults.PROMPT, num_frames=defaults.FRAMES, height=defaults.HEIGHT, width=defaults.WIDTH,
-             num_inference_steps=defaults.STEPS, guidance_scale=defaults.GUIDANCE, generator=gen, output_type="np")
+        pipe(
+            defaults.PROMPT,
+            num_frames=defaults.FRAMES,
+            height=defaults.HEIGHT,
+            width=defaults.WIDTH,
+            num_inference_steps=defaults.STEPS,
+            guidance_scale=defaults.GUIDANCE,
+            generator=gen,
+            output_type="np",
+        )
         t2 = time.time()
-        res = {"load_s": round(t1 - t0, 2), "generate_s": round(t2 - t1, 2), "threads": torch.get_num_threads(),
-               "steps": defaults.STEPS, "guidance": defaults.GUIDANCE, "frames": defaults.FRAMES,
-               "height": defaults.HEIGHT, "width": defaults.WIDTH}
+        res = {
+            "load_s": round(t1 - t0, 2),
+            "generate_s": round(t2 - t1, 2),
+            "threads": torch.get_num_threads(),
+            "steps": defaults.STEPS,
+            "guidance": defaults.GUIDANCE,
+            "frames": defaults.FRAMES,
+            "height": defaults.HEIGHT,
+            "width": defaults.WIDTH,
+        }
         print(json.dumps(res))
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
@@ -135,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.model, args.device)
     results: dict = {"device": str(args.device), "frames": args.frames, "height": args.height, "width": args.width}
     t0 = time.time()
-    score, _, _ = evaluate_vae(pipe.vae, torch.device(args.device), n=args.psnr_n, frames=args.frames,
-                               size=args.height)
+    score, _, _ = evaluate_vae(pipe.vae, torch.device(args.device), n=args.psnr_n, frames=args.frames, size=args.height)
     results["vae_psnr_db"] = round(score, 2)
     results["vae_psnr_n"] = args.psnr_n
     print(f"VAE PSNR {score:.2f} dB on {args.psnr_n} held-out videos ({time.time() - t0:.0f}s)", flush=True)
@@ -148,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         vids = generate(pipe, prompts + prompts2, steps, guidance, args.frames, args.height, args.width, args.batch)
         one = caption_agreement(vids[: len(prompts)], prompts)
-        two = caption_agreement(vids[len(prompts):], prompts2) if prompts2 else None
+        two = caption_agreement(vids[len(prompts) :], prompts2) if prompts2 else None
         entry = {"steps": steps, "guidance": guidance, "one_object": one, "two_objects": two}
         results["configs"].append(entry)
         msg = f"steps {steps} guidance {guidance}: one-object agreement {one['agreement']:.2f} (n={one['n']})"
@@ -165,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_card(model_dir: Path, ev: dict, timing: dict | None) -> None:
     """Write README.md (the model card) into ``model_dir`` from the evaluation and timing results."""
-    cfg = next((c for c in ev["configs"] if c["steps"] == defaults.STEPS and c["guidance"] == defaults.GUIDANCE),
-               ev["configs"][0])
+    cfg = next(
+        (c for c in ev["configs"] if c["steps"] == defaults.STEPS and c["guidance"] == defaults.GUIDANCE),
+        ev["configs"][0],
+    )
     one, two = cfg["one_object"], cfg["two_objects"]
     others = [c for c in ev["configs"] if c is not cfg]
     sizes = {p.parent.name or ".": 0 for p in model_dir.rglob("*") if p.is_file()}
@@ -194,7 +237,8 @@ def write_card(model_dir: Path, ev: dict, timing: dict | None) -> None:
         "![generated frames](strip.png)",
         "",
         "Rows (frames evenly spaced over the clip, default settings, noise seeds 1000+i): "
-        + "; ".join(f"*{p}*" for p in ev.get("strip_prompts", [])) + ".",
+        + "; ".join(f"*{p}*" for p in ev.get("strip_prompts", []))
+        + ".",
         "",
         "## What it knows",
         "",
@@ -225,12 +269,15 @@ def write_card(model_dir: Path, ev: dict, timing: dict | None) -> None:
         "(target >= 80%).",
     ]
     if two:
-        lines.append(f"- Same check on {two['n']} two-object prompts (both objects must pass): "
-                     f"{100 * two['agreement']:.0f}%.")
+        lines.append(
+            f"- Same check on {two['n']} two-object prompts (both objects must pass): {100 * two['agreement']:.0f}%."
+        )
     for c in others:
-        lines.append(f"- Other setting, {c['steps']} steps, guidance {c['guidance']:g}: one-object "
-                     f"{100 * c['one_object']['agreement']:.0f}%"
-                     + (f", two-object {100 * c['two_objects']['agreement']:.0f}%" if c["two_objects"] else ""))
+        lines.append(
+            f"- Other setting, {c['steps']} steps, guidance {c['guidance']:g}: one-object "
+            f"{100 * c['one_object']['agreement']:.0f}%"
+            + (f", two-object {100 * c['two_objects']['agreement']:.0f}%" if c["two_objects"] else "")
+        )
     lines.append(f"- Measured on: {ev['device']} (float32, TF32 off); prompts from `evaluate.eval_prompts`.")
     if timing:
         lines += [
@@ -256,20 +303,30 @@ def write_card(model_dir: Path, ev: dict, timing: dict | None) -> None:
         "python -m dit_sparse.train.evaluate --model assets/tiny-t2v --card eval.json --timing timing.json",
         "```",
         "",
-        "Each training command resumes from its `--out` folder when rerun. The shipped weights came from (H100,",
-        "package installed with `pip install --no-deps .`; `compact` keeps one weight set so checkpoints fit the",
-        "device's 16 MiB file limit):",
+        "Each training command resumes from its `--out` folder when rerun; `restore` turns an exported folder back",
+        "into training checkpoints. The shipped weights came from (H100, package installed with `pip install",
+        "--no-deps .`; `compact` keeps one weight set so checkpoints fit the device's 16 MiB file limit):",
         "",
         "```bash",
+        "# release 1 (session 1): VAE 2.8 min, transformer 4.2 + 4.3 + 2.8 min",
         "python -m dit_sparse.train.vae --out ck/vae --minutes 2.8 --batch 32 --frames 9,17 --lr 1.5e-3 --eval-n 16",
-        "python -m dit_sparse.train.compact ck/vae vae5 --keep model.",
         "python -m dit_sparse.train.transformer --vae ck/vae --out ck/t2v --minutes 4.3 --batch 32 --fresh 4 \\",
         "    --fresh-every 1 --prime 256 --lr 6e-4 --init init1   # init1: EMA of an earlier 4.2-min run",
         "python -m dit_sparse.train.compact ck/t2v init5 --keep ema. --half",
-        "python -m dit_sparse.train.transformer --vae vae5 --out ck/t2v2 --minutes 2.8 --batch 32 --fresh 32 \\",
+        "python -m dit_sparse.train.transformer --vae ck/vae --out ck/t2v2 --minutes 2.8 --batch 32 --fresh 32 \\",
         "    --fresh-every 8 --prime 2048 --lr 6e-4 --warmup 100 --init init5",
-        "python -m dit_sparse.train.compact ck/t2v2 t2v8 --keep ema. --half",
-        "python -m dit_sparse.train.export --vae vae5 --t2v t2v8 --out assets/tiny-t2v",
+        "# release 2 (session 2), from release 1: decoder-only VAE fine-tune (the encoder and so the latent space stay)",
+        "# run side by side with the transformer on the same GPU, then the transformer alone",
+        "python -m dit_sparse.train.restore --model assets/tiny-t2v --vae ck/vae0 --t2v ck/t2v0",
+        "python -m dit_sparse.train.vae --init ck/vae0 --out ck/vae --decoder-only --object-weight 5 --batch 32 \\",
+        "    --frames 9,17 --lr 5e-4 --minutes 6 &",
+        "python -m dit_sparse.train.transformer --vae ck/vae0 --out ck/t2v --init ck/t2v0 --minutes 6 --batch 32 \\",
+        "    --lr 4e-4 --warmup 100 --prime 512",
+        "python -m dit_sparse.train.export --vae ck/vae --t2v ck/t2v --out assets/tiny-t2v",
+        "python -m dit_sparse.train.restore --model assets/tiny-t2v --vae ck/vae1 --t2v ck/t2v1",
+        "python -m dit_sparse.train.transformer --vae ck/vae1 --out ck/t2v2 --init ck/t2v1 --minutes 7.6 --batch 32 \\",
+        "    --lr 5e-4 --warmup 100 --prime 512",
+        "python -m dit_sparse.train.export --vae ck/vae1 --t2v ck/t2v2 --out assets/tiny-t2v",
         "```",
         "",
         "Licence: Apache-2.0, like the package. Trained only on synthetic data.",
