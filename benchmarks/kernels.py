@@ -34,7 +34,11 @@ from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
 # (heads, seq_len, head_dim, frames): frames only shape the radial-like plan (Wan 480p/720p 81 frames, CogVideoX)
-SHAPES = {"12x32760x128": (12, 32760, 128, 21), "24x75600x128": (24, 75600, 128, 21), "48x17550x64": (48, 17550, 64, 13)}
+SHAPES = {
+    "12x32760x128": (12, 32760, 128, 21),
+    "24x75600x128": (24, 75600, 128, 21),
+    "48x17550x64": (48, 17550, 64, 13),
+}
 DRY_RUN_SHAPES = {"2x700x64": (2, 700, 64, 3)}  # CPU dry run of this script (TRITON_INTERPRET=1)
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 BLOCK = 128
@@ -116,16 +120,49 @@ def check_suite(dev: str = "cuda") -> list[dict]:
         ok_inf = bool(torch.equal(torch.isfinite(lse), fin))
         err = rel_err(o, ro)
         lerr = float((lse[fin] - rl[fin]).abs().max()) if fin.any() else 0.0
-        passed = ok_inf and err < (2e-2 if dtype == torch.bfloat16 else 5e-3) and lerr < 1e-2 and bool(torch.isfinite(o).all())
-        row = dict(b=b, h=h, n=n, d=d, block=block, dtype=str(dtype), perm=perm, skip=skip, kv_len=kvlen, bcast=bcast,
-                   layout=layout, config=str(cfg), rel_err=err, lse_err=lerr, passed=passed)
+        passed = (
+            ok_inf
+            and err < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+            and lerr < 1e-2
+            and bool(torch.isfinite(o).all())
+        )
+        row = dict(
+            b=b,
+            h=h,
+            n=n,
+            d=d,
+            block=block,
+            dtype=str(dtype),
+            perm=perm,
+            skip=skip,
+            kv_len=kvlen,
+            bcast=bcast,
+            layout=layout,
+            config=str(cfg),
+            rel_err=err,
+            lse_err=lerr,
+            passed=passed,
+        )
         rows.append(row)
         print(("PASS " if passed else "FAIL ") + json.dumps(row), flush=True)
 
     for d in (128, 64):
         for cfg in candidate_configs(d, torch.bfloat16):
             try:
-                one(2, 3, 1000 if dev == "cuda" else 200, d, 128, torch.bfloat16, False, False, False, False, "bnhd", cfg)
+                one(
+                    2,
+                    3,
+                    1000 if dev == "cuda" else 200,
+                    d,
+                    128,
+                    torch.bfloat16,
+                    False,
+                    False,
+                    False,
+                    False,
+                    "bnhd",
+                    cfg,
+                )
             except Exception as e:  # report, keep going
                 rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
                 print("ERROR", d, cfg, e, flush=True)
@@ -177,14 +214,20 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
     if dev == "cpu":
         args.no_flex = True
     sdpa = {}
-    for label, backends in (("auto", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("flash", [SDPBackend.FLASH_ATTENTION])):
+    for label, backends in (
+        ("auto", None),
+        ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
+        ("flash", [SDPBackend.FLASH_ATTENTION]),
+    ):
         try:
             if backends is None:
                 fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
             else:
+
                 def fn(backends=backends):
                     with sdpa_kernel(backends):
                         return F.scaled_dot_product_attention(q, k, v)
+
             fn()
             sdpa[label] = bench(fn)
         except Exception as e:
@@ -266,9 +309,16 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         t_gather = bench(gather_path)
         t_sel = bench(lambda perm=perm, inv=inv: [t.index_select(2, perm) for t in (q, k, v, q)])
         # per-call host cost of the API on a cached plan: wall time of many launches with the GPU kept busy
-        r = dict(density=x, prep_ms_once=prep_ms, triton_ms=t_base, triton_perm_in_kernel_ms=t_perm,
-                 perm_overhead_in_kernel=t_perm / t_base - 1, triton_index_select_path_ms=t_gather,
-                 index_select_overhead=t_gather / t_base - 1, index_select_alone_ms=t_sel)
+        r = dict(
+            density=x,
+            prep_ms_once=prep_ms,
+            triton_ms=t_base,
+            triton_perm_in_kernel_ms=t_perm,
+            perm_overhead_in_kernel=t_perm / t_base - 1,
+            triton_index_select_path_ms=t_gather,
+            index_select_overhead=t_gather / t_base - 1,
+            index_select_alone_ms=t_sel,
+        )
         perm_rows.append(r)
         print(json.dumps(r), flush=True)
     # host time per API call (plan cached): CPU wall time per call while the GPU queue is full
@@ -295,8 +345,12 @@ def host_overhead() -> dict:
     tma, ptr = ta.KernelConfig(128, 64, 4, 3, True), ta.KernelConfig(128, 64, 4, 3)
     cases = {
         "api_block_sparse_attention": lambda: block_sparse_attention(q, k, v, plan, backend="triton"),
-        "triton_block_attention_tma": lambda: ta.triton_block_attention(q, k, v, plan, d**-0.5, False, None, config=tma),
-        "triton_block_attention_ptr": lambda: ta.triton_block_attention(q, k, v, plan, d**-0.5, False, None, config=ptr),
+        "triton_block_attention_tma": lambda: ta.triton_block_attention(
+            q, k, v, plan, d**-0.5, False, None, config=tma
+        ),
+        "triton_block_attention_ptr": lambda: ta.triton_block_attention(
+            q, k, v, plan, d**-0.5, False, None, config=ptr
+        ),
         "launch_only_tma": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, tma),
         "launch_only_ptr": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, ptr),
         "torch_empty_x2_baseline": lambda: (torch.empty_like(q), torch.empty_like(k)),
@@ -345,20 +399,29 @@ def write_markdown(results: dict, path: Path) -> None:
             )
         ph = s.get("plan_handling")
         if ph:
-            lines += ["", "Plan handling and permutation:", "",
-                      "| density | prep once ms | kernel ms | perm in kernel ms (+%) | index_select path ms (+%) |",
-                      "| --- | --- | --- | --- | --- |"]
+            lines += [
+                "",
+                "Plan handling and permutation:",
+                "",
+                "| density | prep once ms | kernel ms | perm in kernel ms (+%) | index_select path ms (+%) |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             for r in ph["perm"]:
                 lines.append(
                     f"| {r['density']} | {_f(r['prep_ms_once'])} | {_f(r['triton_ms'])} | "
                     f"{_f(r['triton_perm_in_kernel_ms'])} ({100 * r['perm_overhead_in_kernel']:+.1f}%) | "
                     f"{_f(r['triton_index_select_path_ms'])} ({100 * r['index_select_overhead']:+.1f}%) |"
                 )
-            lines.append(f"\nHost time per API call on a cached plan (upper bound): {ph['host_us_per_call_upper_bound']:.0f} µs")
+            lines.append(
+                f"\nHost time per API call on a cached plan (upper bound): {ph['host_us_per_call_upper_bound']:.0f} µs"
+            )
         lines.append("")
     if results.get("host_us"):
-        lines += ["Host µs per call (tiny problem, GPU idle): " + ", ".join(
-            f"{k}: {v:.0f}" for k, v in results["host_us"].items()), ""]
+        lines += [
+            "Host µs per call (tiny problem, GPU idle): "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in results["host_us"].items()),
+            "",
+        ]
     if results.get("check"):
         bad = [r for r in results["check"] if not r.get("passed")]
         lines.append(f"GPU correctness suite: {len(results['check']) - len(bad)}/{len(results['check'])} passed")
@@ -396,8 +459,11 @@ def main() -> None:
     results = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-        command="python " + " ".join(sys.argv), env={k: v for k, v in os.environ.items() if k.startswith("DIT_SPARSE")},
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        command="python " + " ".join(sys.argv),
+        env={k: v for k, v in os.environ.items() if k.startswith("DIT_SPARSE")},
         shapes=[],
     )
     out_dir = Path(args.out)

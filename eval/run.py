@@ -192,7 +192,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     else:
         path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist (expected a local Diffusers pipeline folder)")
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist (expected a local Diffusers pipeline folder)"
+        )
     if not path.is_dir() or not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{str(path)!r} is not a Diffusers pipeline folder (no model_index.json in it); "
@@ -308,7 +310,9 @@ def read_prompts(prompts: str | Path | Sequence[str] | None) -> list[str]:
     if isinstance(prompts, str | Path):
         path = Path(prompts)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {str(path)!r} does not exist (give a file, one prompt per line, or 'builtin')")
+            raise FileNotFoundError(
+                f"prompt file {str(path)!r} does not exist (give a file, one prompt per line, or 'builtin')"
+            )
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         out = [ln for ln in lines if ln and not ln.startswith("#")]
         if not out:
@@ -327,8 +331,11 @@ class ForwardTimer:
     """Times every forward of the pipeline's transformer(s): CUDA events on a GPU, wall clock otherwise."""
 
     def __init__(self, pipe: Any) -> None:
-        self.modules = [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None))
-                        if isinstance(m, torch.nn.Module)]
+        self.modules = [
+            m
+            for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None))
+            if isinstance(m, torch.nn.Module)
+        ]
         self._handles: list[Any] = []
         self._pending: list[Any] = []
         self._wall: list[float] = []
@@ -437,6 +444,7 @@ def _api() -> Any:
 
 def report_fields(rep: Any) -> dict[str, Any]:
     """The report's numbers as plain data (attention time summed when it is a list)."""
+
     def get(name: str, default: Any = None) -> Any:
         return rep.get(name, default) if isinstance(rep, dict) else getattr(rep, name, default)
 
@@ -556,8 +564,13 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return (row.get("model_id"), row.get("prompt"), int(row.get("seed", -1)), row.get("label"),
-            json.dumps(row.get("settings"), sort_keys=True))
+    return (
+        row.get("model_id"),
+        row.get("prompt"),
+        int(row.get("seed", -1)),
+        row.get("label"),
+        json.dumps(row.get("settings"), sort_keys=True),
+    )
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]]:
@@ -672,8 +685,17 @@ def run(
     seed_list = [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("no seeds given")
-    settings = resolve_settings(steps, frames, height, width, guidance, negative_prompt, max_sequence_length, fps,
-                                embedded=is_embedded_model(model))
+    settings = resolve_settings(
+        steps,
+        frames,
+        height,
+        width,
+        guidance,
+        negative_prompt,
+        max_sequence_length,
+        fps,
+        embedded=is_embedded_model(model),
+    )
 
     if model is None or isinstance(model, str | Path):
         path = resolve_model_path(model)
@@ -681,8 +703,11 @@ def run(
         model_id = str(path)
     else:
         pipe = model
-        model_id = str(getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", {}), "_name_or_path", "")
-                       or type(pipe).__name__)
+        model_id = str(
+            getattr(pipe, "name_or_path", None)
+            or getattr(getattr(pipe, "config", {}), "_name_or_path", "")
+            or type(pipe).__name__
+        )
     settings = complete_settings(settings, pipe)
     fingerprint = _fingerprint(pipe)
     run_device = str(getattr(pipe, "device", device or "cpu"))
@@ -699,8 +724,9 @@ def run(
     dense_timing: Generation | None = None  # the dense generation timed in this process
 
     todo = [(p, s, m) for p in prompt_list for s in seed_list for m in specs]
-    pending = [(p, s, m) for p, s, m in todo
-               if (model_id, p, s, m.label, json.dumps(settings_key, sort_keys=True)) not in done]
+    pending = [
+        (p, s, m) for p, s, m in todo if (model_id, p, s, m.label, json.dumps(settings_key, sort_keys=True)) not in done
+    ]
     skipped = len(todo) - len(pending)
     if skipped:
         log(f"resuming: {skipped} of {len(todo)} rows already in {results_path}, skipped")
@@ -709,8 +735,15 @@ def run(
     if pending and warmup:  # one untimed step: lazy initialisation, allocator, kernel autotuning
         generate(pipe, pending[0][0], pending[0][1], dataclasses.replace(settings, steps=1), progress=False)
     for i, (prompt, seed, spec) in enumerate(pending, 1):
-        ref_meta = {"model_id": model_id, "fingerprint": fingerprint, "prompt": prompt, "seed": seed,
-                    "settings": settings_key, "device": run_device.split(":")[0], "dtype": run_dtype}
+        ref_meta = {
+            "model_id": model_id,
+            "fingerprint": fingerprint,
+            "prompt": prompt,
+            "seed": seed,
+            "settings": settings_key,
+            "device": run_device.split(":")[0],
+            "dtype": run_dtype,
+        }
         if (prompt, seed) not in references:
             cached = cache.get(ref_meta)
             if cached is not None:
@@ -728,12 +761,30 @@ def run(
                 log(f"note: the dense video regenerated for timing differs from the cached one (max |diff| {diff}/255)")
         ref = references[(prompt, seed)]
 
-        g = generate(pipe, prompt, seed, settings, method=spec.name, params=spec.params, backend=backend,
-                     progress=progress, desc=f"{spec.label[:24]} s{seed}")
+        g = generate(
+            pipe,
+            prompt,
+            seed,
+            settings,
+            method=spec.name,
+            params=spec.params,
+            backend=backend,
+            progress=progress,
+            desc=f"{spec.label[:24]} s{seed}",
+        )
         rep = g.report or {}
         if error_sample > 0:  # a second, untimed pass measures the attention error (it runs exact attention too)
-            e = generate(pipe, prompt, seed, settings, method=spec.name, params=spec.params, backend=backend,
-                         error_sample=error_sample, progress=False)
+            e = generate(
+                pipe,
+                prompt,
+                seed,
+                settings,
+                method=spec.name,
+                params=spec.params,
+                backend=backend,
+                error_sample=error_sample,
+                progress=False,
+            )
             rep = {**rep, **{k: (e.report or {}).get(k) for k in ("attn_out_rel_l2", "attn_lse_rel_l2")}}
         lp = metric(ref, g.video) if metric is not None else None
         dense_ms = dense_timing.transformer_ms_per_step
@@ -762,7 +813,8 @@ def run(
             "calls": rep.get("calls"),
             "sparse_calls": rep.get("sparse_calls"),
             "dense_calls": rep.get("dense_calls"),
-            "attention_ms_per_step": (rep["attention_ms"] / settings.steps) if rep.get("attention_ms") is not None
+            "attention_ms_per_step": (rep["attention_ms"] / settings.steps)
+            if rep.get("attention_ms") is not None
             else None,
             "transformer_ms_per_step": sparse_ms,
             "dense_transformer_ms_per_step": dense_ms,
@@ -784,9 +836,11 @@ def run(
                 log(f"note: {note}")
         _append_row(results_path, row)
         rows.append(_jsonable(row))
-        log(f"[{i}/{len(pending)}] {spec.label} | {prompt!r} seed {seed}: PSNR {_fmt(row['psnr'], '.2f')} "
+        log(
+            f"[{i}/{len(pending)}] {spec.label} | {prompt!r} seed {seed}: PSNR {_fmt(row['psnr'], '.2f')} "
             f"SSIM {_fmt(row['ssim'], '.4f')} LPIPS {_fmt(lp, '.4f')} density {_fmt(row['effective_density'], '.3f')} "
-            f"speedup {_fmt(row['speedup'], '.2f')}x")
+            f"speedup {_fmt(row['speedup'], '.2f')}x"
+        )
 
     rows = [r for r in _load_rows(results_path)]
     write_csv(rows, out / "results.csv")
@@ -795,22 +849,38 @@ def run(
     lp_status = {r.get("lpips_status") for r in rows if r.get("lpips") is None}
     for s in sorted(x for x in lp_status if x and x.startswith("unavailable")):
         log(f"LPIPS {s}")
-    plot_pareto(summary, out / "pareto.png", title=f"{Path(model_id).name} · {settings.steps} steps · "
-                f"{settings.frames or '?'}×{settings.height or '?'}×{settings.width or '?'}")
-    log(f"wrote {results_path}, {out / 'results.csv'}, {out / 'pareto.png'}" + (f", {out / 'videos'}/" if videos else ""))
+    plot_pareto(
+        summary,
+        out / "pareto.png",
+        title=f"{Path(model_id).name} · {settings.steps} steps · "
+        f"{settings.frames or '?'}×{settings.height or '?'}×{settings.width or '?'}",
+    )
+    log(
+        f"wrote {results_path}, {out / 'results.csv'}, {out / 'pareto.png'}"
+        + (f", {out / 'videos'}/" if videos else "")
+    )
     return rows
 
 
 def _environment(device: str) -> dict[str, Any]:
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or platform.machine()
+    dev_name = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda") and torch.cuda.is_available()
+        else platform.processor() or platform.machine()
+    )
     try:
         import triton  # noqa: PLC0415
 
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    return {"device": device, "device_name": dev_name, "torch": torch.__version__, "triton": triton_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": device,
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -825,11 +895,38 @@ def _fmt(v: Any, spec: str) -> str:
 # ------------------------------------------------------------------------------------------------ outputs
 
 CSV_FIELDS = [
-    "label", "method", "prompt", "seed", "psnr", "ssim", "lpips", "lpips_status", "attn_out_rel_l2",
-    "attn_lse_rel_l2", "density", "effective_density", "attention_ms_per_step", "transformer_ms_per_step",
-    "dense_transformer_ms_per_step", "speedup", "seconds", "dense_seconds", "e2e_speedup", "timing", "calls",
-    "sparse_calls", "dense_calls", "params", "settings", "model_id", "video", "device", "device_name", "torch",
-    "triton", "date",
+    "label",
+    "method",
+    "prompt",
+    "seed",
+    "psnr",
+    "ssim",
+    "lpips",
+    "lpips_status",
+    "attn_out_rel_l2",
+    "attn_lse_rel_l2",
+    "density",
+    "effective_density",
+    "attention_ms_per_step",
+    "transformer_ms_per_step",
+    "dense_transformer_ms_per_step",
+    "speedup",
+    "seconds",
+    "dense_seconds",
+    "e2e_speedup",
+    "timing",
+    "calls",
+    "sparse_calls",
+    "dense_calls",
+    "params",
+    "settings",
+    "model_id",
+    "video",
+    "device",
+    "device_name",
+    "torch",
+    "triton",
+    "date",
 ]
 
 
@@ -855,28 +952,52 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for label in dict.fromkeys(r["label"] for r in rows):
         rs = [r for r in rows if r["label"] == label]
-        out.append({
-            "label": label,
-            "videos": len(rs),
-            **{k: _mean(r.get(k) for r in rs) for k in (
-                "psnr", "ssim", "lpips", "attn_out_rel_l2", "effective_density", "attention_ms_per_step",
-                "transformer_ms_per_step", "dense_transformer_ms_per_step", "speedup")},
-        })
+        out.append(
+            {
+                "label": label,
+                "videos": len(rs),
+                **{
+                    k: _mean(r.get(k) for r in rs)
+                    for k in (
+                        "psnr",
+                        "ssim",
+                        "lpips",
+                        "attn_out_rel_l2",
+                        "effective_density",
+                        "attention_ms_per_step",
+                        "transformer_ms_per_step",
+                        "dense_transformer_ms_per_step",
+                        "speedup",
+                    )
+                },
+            }
+        )
     return out
 
 
 def format_table(summary: list[dict[str, Any]]) -> str:
     """The summary as a fixed-width text table."""
-    cols = [("setting", "label", "s"), ("n", "videos", "d"), ("PSNR", "psnr", ".2f"), ("SSIM", "ssim", ".4f"),
-            ("LPIPS", "lpips", ".4f"), ("attn err", "attn_out_rel_l2", ".4f"), ("density", "effective_density", ".3f"),
-            ("attn ms/step", "attention_ms_per_step", ".2f"), ("xfmr ms/step", "transformer_ms_per_step", ".2f"),
-            ("dense ms/step", "dense_transformer_ms_per_step", ".2f"), ("speedup", "speedup", ".2f")]
+    cols = [
+        ("setting", "label", "s"),
+        ("n", "videos", "d"),
+        ("PSNR", "psnr", ".2f"),
+        ("SSIM", "ssim", ".4f"),
+        ("LPIPS", "lpips", ".4f"),
+        ("attn err", "attn_out_rel_l2", ".4f"),
+        ("density", "effective_density", ".3f"),
+        ("attn ms/step", "attention_ms_per_step", ".2f"),
+        ("xfmr ms/step", "transformer_ms_per_step", ".2f"),
+        ("dense ms/step", "dense_transformer_ms_per_step", ".2f"),
+        ("speedup", "speedup", ".2f"),
+    ]
     cells = [[h for h, _, _ in cols]]
     for s in summary:
         cells.append([str(s[k]) if f in ("s", "d") else _fmt(s[k], f) for _, k, f in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -925,9 +1046,14 @@ def plot_pareto(summary: list[dict[str, Any]], path: Path, title: str = "") -> P
         shown = top if math.isinf(y) else y
         ax.scatter([x], [shown], s=40, zorder=3, marker="^" if math.isinf(y) else "o")
         right = x > x_mid and len(xs) > 1
-        ann = ax.annotate(short[label] + (" (PSNR inf)" if math.isinf(y) else ""), (x, shown),
-                          textcoords="offset points", xytext=(-6 if right else 6, 5), fontsize=8,
-                          ha="right" if right else "left")
+        ann = ax.annotate(
+            short[label] + (" (PSNR inf)" if math.isinf(y) else ""),
+            (x, shown),
+            textcoords="offset points",
+            xytext=(-6 if right else 6, 5),
+            fontsize=8,
+            ha="right" if right else "left",
+        )
         ann.set_in_layout(False)
         xy.append((x, shown))
     front = sorted(p for p in xy if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in xy))

@@ -73,8 +73,15 @@ def write_video(path: str | Path, video: Any, *, fps: int = 16, min_side: int = 
                 import imageio.v2 as iio  # noqa: PLC0415
 
                 writer = iio.get_writer(
-                    str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                    macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
+                    str(path),
+                    format="FFMPEG",
+                    mode="I",
+                    fps=fps,
+                    codec="libx264",
+                    quality=8,
+                    macro_block_size=1,
+                    pixelformat="yuv420p",
+                    ffmpeg_log_level="error",
                 )
                 try:
                     for frame in _pad_even(frames):

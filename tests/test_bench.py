@@ -76,26 +76,53 @@ TINY: dict[str, tuple[bench.ModelSpec, bench.Shape]] = {
     "wan": (
         dataclasses.replace(
             bench.MODELS["wan2.1-1.3b"],
-            config=dict(bench.MODELS["wan2.1-1.3b"].config, num_attention_heads=2, attention_head_dim=12,
-                        text_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+            config=dict(
+                bench.MODELS["wan2.1-1.3b"].config,
+                num_attention_heads=2,
+                attention_head_dim=12,
+                text_dim=32,
+                ffn_dim=32,
+                num_layers=2,
+                rope_max_seq_len=32,
+            ),
         ),
         (9, 64, 64),  # latent 3 x 8 x 8 -> 3 x 4 x 4 = 48 tokens
     ),
     "cogvideox": (
         dataclasses.replace(
             bench.MODELS["cogvideox1.5-5b"],
-            config=dict(bench.MODELS["cogvideox1.5-5b"].config, num_attention_heads=2, attention_head_dim=16,
-                        in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=32, num_layers=2,
-                        sample_height=32, sample_width=32, max_text_seq_length=16),
+            config=dict(
+                bench.MODELS["cogvideox1.5-5b"].config,
+                num_attention_heads=2,
+                attention_head_dim=16,
+                in_channels=4,
+                out_channels=4,
+                time_embed_dim=8,
+                text_embed_dim=32,
+                num_layers=2,
+                sample_height=32,
+                sample_width=32,
+                max_text_seq_length=16,
+            ),
         ),
         (17, 64, 96),  # latent 5 frames padded to 6 -> 3 x 4 x 6 = 72 video tokens after 16 text tokens
     ),
     "hunyuan": (
         dataclasses.replace(
             bench.MODELS["hunyuanvideo"],
-            config=dict(bench.MODELS["hunyuanvideo"].config, in_channels=4, out_channels=4, num_attention_heads=2,
-                        attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1,
-                        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)),
+            config=dict(
+                bench.MODELS["hunyuanvideo"].config,
+                in_channels=4,
+                out_channels=4,
+                num_attention_heads=2,
+                attention_head_dim=10,
+                num_layers=1,
+                num_single_layers=1,
+                num_refiner_layers=1,
+                text_embed_dim=16,
+                pooled_projection_dim=8,
+                rope_axes_dim=(2, 4, 4),
+            ),
             subset={},
         ),
         (9, 64, 64),  # latent 3 x 8 x 8 -> 3 x 4 x 4 = 48 video tokens + 256 text tokens
@@ -161,8 +188,21 @@ def test_run_needs_cuda_and_checks_names(monkeypatch: pytest.MonkeyPatch) -> Non
 def _row(method: str, ms: float, speedup: float, density: float) -> bench.BenchRow:
     share = 0.74
     limit = 1 / ((1 - share) + share * density)
-    return bench.BenchRow("hunyuanvideo", "720p", 119_056, method, {}, ms, [ms, ms + 1], speedup, density, share,
-                          limit, speedup / limit, note="timed subset: num_layers=2 of 20")
+    return bench.BenchRow(
+        "hunyuanvideo",
+        "720p",
+        119_056,
+        method,
+        {},
+        ms,
+        [ms, ms + 1],
+        speedup,
+        density,
+        share,
+        limit,
+        speedup / limit,
+        note="timed subset: num_layers=2 of 20",
+    )
 
 
 def test_format_table_and_write_results(tmp_path: Path) -> None:

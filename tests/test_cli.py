@@ -43,11 +43,14 @@ def test_bad_param_syntax_and_unknown_param(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_missing_or_bad_model_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    err = _err(capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "v.mp4")])
+    err = _err(
+        capsys,
+        ["generate", "x", "--method", "window", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "v.mp4")],
+    )
     assert "does not exist" in err
-    err = _err(capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path),
-                        "--out", str(tmp_path / "v.mp4")])
+    err = _err(
+        capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path), "--out", str(tmp_path / "v.mp4")]
+    )
     assert "model_index.json" in err
 
 
@@ -87,11 +90,23 @@ def test_python_dash_m_help() -> None:
         assert "search" in res.stdout
 
 
-def test_generate_writes_and_refuses_overwrite(tiny_model: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_writes_and_refuses_overwrite(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "v.mp4"
-    argv = ["generate", "a red circle moving right", "--method", "window", "--model", str(tiny_model),
-            "--out", str(out), "--quiet", *TINY_ARGS, *SMALL]
+    argv = [
+        "generate",
+        "a red circle moving right",
+        "--method",
+        "window",
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--quiet",
+        *TINY_ARGS,
+        *SMALL,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     written = out if out.exists() else out.with_suffix(".gif")
@@ -104,19 +119,37 @@ def test_generate_writes_and_refuses_overwrite(tiny_model: Path, tmp_path: Path,
     capsys.readouterr()
 
 
-def test_generate_gif_fallback(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_gif_fallback(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     video_mod = sys.modules["dit_sparse.eval.video"]
     monkeypatch.setattr(video_mod, "ffmpeg_available", lambda: (False, "no ffmpeg binary (test)"))
     out = tmp_path / "v.mp4"
-    assert main(["generate", "a blue square", "--method", "none", "--model", str(tiny_model), "--out", str(out),
-                 "--quiet", *TINY_ARGS]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--method",
+                "none",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(out),
+                "--quiet",
+                *TINY_ARGS,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert not out.exists() and out.with_suffix(".gif").is_file()
     assert "wrote a GIF instead" in printed and "no ffmpeg binary (test)" in printed
     # the GIF that would be written exists: refused without --force
-    err = _err(capsys, ["generate", "a blue square", "--method", "none", "--model", str(tiny_model),
-                        "--out", str(out), *TINY_ARGS])
+    err = _err(
+        capsys,
+        ["generate", "a blue square", "--method", "none", "--model", str(tiny_model), "--out", str(out), *TINY_ARGS],
+    )
     assert "exists; pass --force" in err
 
 
@@ -124,8 +157,25 @@ def test_eval_cli_on_tiny_model(tiny_model: Path, tmp_path: Path, capsys: pytest
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving right\n")
     out = tmp_path / "run"
-    argv = ["eval", "--model", str(tiny_model), "--methods", "window:window=0,0,0", "--prompts", str(prompts),
-            "--seeds", "0", "--out", str(out), "--quiet", "--no-lpips", "--error-sample", "0", *TINY_ARGS, *SMALL]
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model),
+        "--methods",
+        "window:window=0,0,0",
+        "--prompts",
+        str(prompts),
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-lpips",
+        "--error-sample",
+        "0",
+        *TINY_ARGS,
+        *SMALL,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "window:block_size=4;min_seq_len=0;tile=1,2,2;window=0,0,0" in printed
@@ -141,7 +191,9 @@ def test_bench_delegates_to_bench_run(monkeypatch: pytest.MonkeyPatch, tmp_path:
     seen: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run", lambda *a, **k: seen.append(a))
-    assert main(["bench", "--methods", "window", "radial:decay=0.2", "--repeats", "3", "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(["bench", "--methods", "window", "radial:decay=0.2", "--repeats", "3", "--out", str(tmp_path / "b")]) == 0
+    )
     models, shapes, methods, repeats, out, command = seen[0]
     assert methods == ["window", "radial:decay=0.2"] and repeats == 3 and out == str(tmp_path / "b")
     assert command.startswith("dit-sparse ")

@@ -18,8 +18,10 @@ def _video(seed: int = 0, t: int = 3, h: int = 24, w: int = 20) -> np.ndarray:
     rng = np.random.default_rng(seed)
     # smooth content (SSIM of pure noise is uninformative)
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    frames = [np.stack([np.sin(3 * xx + i + c) * 0.4 + 0.5 + 0.05 * rng.standard_normal((h, w)) for c in range(3)], -1)
-              for i in range(t)]
+    frames = [
+        np.stack([np.sin(3 * xx + i + c) * 0.4 + 0.5 + 0.05 * rng.standard_normal((h, w)) for c in range(3)], -1)
+        for i in range(t)
+    ]
     return np.clip(np.stack(frames), 0, 1)
 
 
@@ -136,11 +138,19 @@ def _fake_torchvision() -> types.ModuleType:
     def alexnet(pretrained: bool = False, **kwargs: object) -> types.SimpleNamespace:
         assert not pretrained, "the test must not ask for downloaded weights"
         features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(3, 64, 11, 4, 2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
         )
         return types.SimpleNamespace(features=features)
 

@@ -28,13 +28,16 @@ GEN = {"steps": 2, "frames": 9, "height": 64, "width": 64, "guidance": 5.0, "max
 def test_split_method_list() -> None:
     assert split_method_list("dense,window:window=1,1,1,radial") == ["dense", "window:window=1,1,1", "radial"]
     assert split_method_list("window:window=1,1,1,tile=2,8,8, radial:decay=0.2") == [
-        "window:window=1,1,1;tile=2,8,8", "radial:decay=0.2"]
+        "window:window=1,1,1;tile=2,8,8",
+        "radial:decay=0.2",
+    ]
     assert split_method_list("window:window=1,1,1;tile=2,8,8") == ["window:window=1,1,1;tile=2,8,8"]
 
 
 def test_parse_methods_labels_params_and_errors() -> None:
-    specs = parse_methods("dense,window:window=0,0,0", params={"window": {"tile": (1, 2, 2)}},
-                          common={"block_size": 4, "min_seq_len": 0})
+    specs = parse_methods(
+        "dense,window:window=0,0,0", params={"window": {"tile": (1, 2, 2)}}, common={"block_size": 4, "min_seq_len": 0}
+    )
     assert specs[0] == MethodSpec("dense:block_size=4;min_seq_len=0", "dense", {"block_size": 4, "min_seq_len": 0})
     assert specs[1].params == {"block_size": 4, "min_seq_len": 0, "tile": (1, 2, 2), "window": (0, 0, 0)}
     assert specs[1].label == "window:block_size=4;min_seq_len=0;tile=1,2,2;window=0,0,0"
@@ -68,9 +71,11 @@ def test_dense_cache_roundtrip(tmp_path: Path) -> None:
 
 
 def test_summary_table_handles_inf_and_missing() -> None:
-    rows = [{"label": "dense", "psnr": "inf", "ssim": 1.0, "lpips": None, "speedup": 1.0},
-            {"label": "w", "psnr": 30.0, "ssim": 0.9, "lpips": None, "speedup": 2.0},
-            {"label": "w", "psnr": 32.0, "ssim": 0.95, "lpips": None, "speedup": 2.2}]
+    rows = [
+        {"label": "dense", "psnr": "inf", "ssim": 1.0, "lpips": None, "speedup": 1.0},
+        {"label": "w", "psnr": 30.0, "ssim": 0.9, "lpips": None, "speedup": 2.0},
+        {"label": "w", "psnr": 32.0, "ssim": 0.95, "lpips": None, "speedup": 2.2},
+    ]
     s = summarize(rows)
     assert s[0]["psnr"] == math.inf and s[1]["psnr"] == pytest.approx(31.0) and s[1]["videos"] == 2
     table = format_table(s)
@@ -93,8 +98,18 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
     common = {"block_size": 4, "min_seq_len": 0}
     params = {"window": {"tile": (1, 2, 2)}}
     lp = LPIPS(model=lambda x, y: ((x - y) ** 2).mean(dim=(1, 2, 3)))  # a stand-in distance: the path is tested
-    rows = run(tiny_pipe, methods, ["a red circle moving right"], [0], out, params=params, common_params=common,
-               lpips=lp, progress=False, **GEN)
+    rows = run(
+        tiny_pipe,
+        methods,
+        ["a red circle moving right"],
+        [0],
+        out,
+        params=params,
+        common_params=common,
+        lpips=lp,
+        progress=False,
+        **GEN,
+    )
     assert len(rows) == 2
     for name in ("results.jsonl", "results.csv", "pareto.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -107,8 +122,16 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
     assert float(dense_row["psnr"]) > 40 and dense_row["ssim"] > 0.99
     assert win_row["method"] == "window" and win_row["sparse_calls"] > 0
     assert 0 < win_row["density"] < 1
-    for key in ("ssim", "lpips", "transformer_ms_per_step", "dense_transformer_ms_per_step", "speedup",
-                "attention_ms_per_step", "attn_out_rel_l2", "effective_density"):
+    for key in (
+        "ssim",
+        "lpips",
+        "transformer_ms_per_step",
+        "dense_transformer_ms_per_step",
+        "speedup",
+        "attention_ms_per_step",
+        "attn_out_rel_l2",
+        "effective_density",
+    ):
         assert isinstance(win_row[key], float), key
     assert win_row["lpips_status"] == "ok" and win_row["attn_out_rel_l2"] > 0
     assert win_row["video"].startswith("videos/")
@@ -127,15 +150,37 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
 
     run_mod.generate = counting
     try:
-        again = run(tiny_pipe, methods, ["a red circle moving right"], [0], out, params=params, common_params=common,
-                    lpips=lp, progress=False, **GEN)
+        again = run(
+            tiny_pipe,
+            methods,
+            ["a red circle moving right"],
+            [0],
+            out,
+            params=params,
+            common_params=common,
+            lpips=lp,
+            progress=False,
+            **GEN,
+        )
         assert calls == [] and len(again) == 2
         assert "resuming: 2 of 2 rows" in capsys.readouterr().out
         # a lost row is redone; its dense reference comes from the cache (dense is generated again only for timing)
         (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")  # drop a row
         calls.clear()
-        rows3 = run(tiny_pipe, methods, ["a red circle moving right"], [0], out, params=params, common_params=common,
-                    lpips=False, videos=False, error_sample=0, progress=False, **GEN)
+        rows3 = run(
+            tiny_pipe,
+            methods,
+            ["a red circle moving right"],
+            [0],
+            out,
+            params=params,
+            common_params=common,
+            lpips=False,
+            videos=False,
+            error_sample=0,
+            progress=False,
+            **GEN,
+        )
         # warm-up (native), dense timing (native, reference came from the cache), then the missing window row
         assert calls == ["native", "native", "window"]
         assert len(rows3) == 2 and rows3[1]["lpips"] is None and rows3[1]["lpips_status"] == "skipped"
@@ -150,9 +195,21 @@ def test_run_on_embedded_model_when_present(tmp_path: Path) -> None:
     path = default_model_path()
     if path is None or not (path / "model_index.json").is_file():
         pytest.skip("the embedded tiny model is not in assets/ yet")
-    rows = run(None, ["dense:min_seq_len=0", "window:window=0,0,0;min_seq_len=0"], ["builtin"][0], [0],
-               tmp_path / "run", steps=2, frames=9, height=64, width=64, error_sample=0, lpips=False, videos=False,
-               progress=False)
+    rows = run(
+        None,
+        ["dense:min_seq_len=0", "window:window=0,0,0;min_seq_len=0"],
+        ["builtin"][0],
+        [0],
+        tmp_path / "run",
+        steps=2,
+        frames=9,
+        height=64,
+        width=64,
+        error_sample=0,
+        lpips=False,
+        videos=False,
+        progress=False,
+    )
     assert len(rows) == 8
     dense = [r for r in rows if r["method"] == "dense"]
     assert all(float(r["psnr"]) > 35 for r in dense)

@@ -67,8 +67,14 @@ def test_model_folder(pipe) -> None:
 
 def test_generate_short_video(pipe) -> None:
     out = pipe(
-        defaults.PROMPT, num_frames=9, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(0), output_type="np",
+        defaults.PROMPT,
+        num_frames=9,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).frames
     assert out.shape == (1, 9, 64, 64, 3)
     assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
@@ -82,8 +88,16 @@ def test_caption_check_on_generated_videos(pipe) -> None:
     from dit_sparse.train.evaluate import eval_prompts, generate
 
     prompts = eval_prompts(3)
-    videos = generate(pipe, prompts, steps=CHECK_STEPS, guidance=defaults.GUIDANCE, frames=CHECK_FRAMES,
-                      height=defaults.HEIGHT, width=defaults.WIDTH, batch=3)
+    videos = generate(
+        pipe,
+        prompts,
+        steps=CHECK_STEPS,
+        guidance=defaults.GUIDANCE,
+        frames=CHECK_FRAMES,
+        height=defaults.HEIGHT,
+        width=defaults.WIDTH,
+        batch=3,
+    )
     checks = [check_video(v, p) for v, p in zip(videos, prompts, strict=True)]
     assert all(len(c.objects) == 1 for c in checks)  # the check itself ran on every video
     assert sum(c.ok for c in checks) >= 2, [(c.caption, c.objects) for c in checks]

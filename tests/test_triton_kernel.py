@@ -117,7 +117,9 @@ def test_rejects_bad_inputs_with_clear_messages():
     with pytest.raises(ValueError, match="kv_len"):
         block_sparse_attention(q, k, v, plan, backend="triton", kv_len=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="kv_indices"):
-        BlockPlan(n, 32, 32, torch.ones(1, 1, 2, dtype=torch.int32), torch.full((1, 1, 2, 2), 5, dtype=torch.int32)).check()
+        BlockPlan(
+            n, 32, 32, torch.ones(1, 1, 2, dtype=torch.int32), torch.full((1, 1, 2, 2), 5, dtype=torch.int32)
+        ).check()
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):

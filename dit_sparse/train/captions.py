@@ -68,7 +68,10 @@ def _to_thwc(video: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def check_video(
-    video: np.ndarray | torch.Tensor, caption: str, max_dist: float = 0.3, min_travel: float = 0.08,
+    video: np.ndarray | torch.Tensor,
+    caption: str,
+    max_dist: float = 0.3,
+    min_travel: float = 0.08,
     min_found: float = 0.5,
 ) -> CaptionCheck:
     """Check one video against its caption (see the module docstring)."""
@@ -100,9 +103,7 @@ def check_video(
             motion = (sx * (t - 1) / w, sy * (t - 1) / h)
             if np.hypot(*motion) >= min_travel:
                 detected = max(DIRECTIONS, key=lambda n: motion[0] * DIRECTIONS[n][0] + motion[1] * DIRECTIONS[n][1])
-        result.objects.append(
-            ObjectCheck(colour, direction, found, motion, detected, ok=detected == direction)
-        )
+        result.objects.append(ObjectCheck(colour, direction, found, motion, detected, ok=detected == direction))
     return result
 
 

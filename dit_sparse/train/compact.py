@@ -1,6 +1,6 @@
 """Shrink a training checkpoint to what export needs (one set of weights, optionally fp16).
 
-    python -m dit_sparse.train.compact SRC DST --keep ema. [--half]
+python -m dit_sparse.train.compact SRC DST --keep ema. [--half]
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from .model import load_checkpoint, save_checkpoint
 def compact(src: str, dst: str, keep: str, half: bool = False) -> int:
     """Copy the tensors of ``src`` whose names start with ``keep`` to ``dst``; returns their byte count."""
     tensors, meta = load_checkpoint(src)
-    kept = {
-        k: (v.half() if half and v.is_floating_point() else v) for k, v in tensors.items() if k.startswith(keep)
-    }
+    kept = {k: (v.half() if half and v.is_floating_point() else v) for k, v in tensors.items() if k.startswith(keep)}
     meta = dict(meta, compact_of=keep, half=half)
     save_checkpoint(dst, kept, meta)
     return sum(v.numel() * v.element_size() for v in kept.values())

@@ -121,6 +121,7 @@ def sample_scene(rng: random.Random, two_prob: float = 0.3) -> SceneSpec:
     if background in PLAIN_BACKGROUNDS:
         tone_a = tone_b = PLAIN_BACKGROUNDS[background]
     else:
+
         def tone() -> tuple[float, float, float]:
             g = rng.uniform(0.08, 0.40)
             return tuple(min(max(g + rng.uniform(-0.06, 0.06), 0.0), 1.0) for _ in range(3))  # type: ignore[return-value]
@@ -143,8 +144,13 @@ def sample_scenes(seed: int, n: int, two_prob: float = 0.3) -> list[SceneSpec]:
 
 
 def _shape_coverage(
-    px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor,
-    ang: torch.Tensor, kind: torch.Tensor,
+    px: torch.Tensor,
+    py: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    r: torch.Tensor,
+    ang: torch.Tensor,
+    kind: torch.Tensor,
 ) -> torch.Tensor:
     """Anti-aliased coverage in [0, 1] of circles (0), squares (1) or triangles (2), all in pixel units.
 
@@ -191,6 +197,7 @@ def render(
     tt = torch.arange(frames, **f32).view(1, frames, 1, 1)
     frac = (tt - (frames - 1) / 2) / max(frames - 1, 1)  # -0.5 .. 0.5
     for layer in range(max(len(s.objects) for s in scenes)):
+
         def attr(fn, default: float = 0.0, layer: int = layer) -> torch.Tensor:
             vals = [fn(s.objects[layer]) if layer < len(s.objects) else default for s in scenes]
             return torch.tensor(vals, **f32).view(b, 1, 1, 1)
@@ -212,7 +219,12 @@ def render(
 
 
 def batch(
-    seed: int, n: int, frames: int, height: int, width: int, device: torch.device | str = "cpu",
+    seed: int,
+    n: int,
+    frames: int,
+    height: int,
+    width: int,
+    device: torch.device | str = "cpu",
     two_prob: float = 0.3,
 ) -> tuple[torch.Tensor, list[str]]:
     """``n`` seeded videos (B, 3, T, H, W) in [-1, 1] and their captions."""

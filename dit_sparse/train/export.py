@@ -30,8 +30,13 @@ def build_scheduler(shift: float = 3.0):
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
-        solver_order=2, solver_type="bh2", lower_order_final=True,
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        solver_order=2,
+        solver_type="bh2",
+        lower_order_final=True,
     )
 
 
@@ -54,8 +59,11 @@ def build_pipeline(vae_ckpt: str, t2v_ckpt: str, use_ema: bool = True, device: s
             raise RuntimeError(f"{name}: missing {missing}, unexpected {unexpected}")
     vae.requires_grad_(True)
     pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.float().eval(),
-        scheduler=build_scheduler(float(meta.get("shift", 3.0))), transformer=transformer.eval(),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.float().eval(),
+        scheduler=build_scheduler(float(meta.get("shift", 3.0))),
+        transformer=transformer.eval(),
     )
     return pipe.to(device), meta
 

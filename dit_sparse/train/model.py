@@ -20,15 +20,35 @@ from .data import vocabulary
 #: Wan 2.2-style VAE: 2x2 patchify + residual blocks, two down-samplings -> 8x spatial, 4x temporal overall.
 #: (Every full-resolution stage runs at 64 px with >= 32 channels, which keeps CPU decoding fast.)
 VAE_CONFIG: dict = dict(
-    base_dim=32, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[True, True], dropout=0.0, is_residual=True, patch_size=2,
-    in_channels=12, out_channels=12, scale_factor_spatial=8, scale_factor_temporal=4,
+    base_dim=32,
+    z_dim=16,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[True, True],
+    dropout=0.0,
+    is_residual=True,
+    patch_size=2,
+    in_channels=12,
+    out_channels=12,
+    scale_factor_spatial=8,
+    scale_factor_temporal=4,
 )
 TEXT_DIM = 128
 TRANSFORMER_CONFIG: dict = dict(
-    patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
-    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=768, num_layers=4, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 1, 1),
+    num_attention_heads=4,
+    attention_head_dim=64,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=256,
+    ffn_dim=768,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 MAX_SEQUENCE_LENGTH = 512  # what WanPipeline pads prompt embeddings to by default
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
@@ -49,8 +69,12 @@ def build_tokenizer():
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=MAX_SEQUENCE_LENGTH, padding_side="right",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=MAX_SEQUENCE_LENGTH,
+        padding_side="right",
     )
 
 
@@ -59,10 +83,21 @@ def build_text_encoder(vocab_size: int):
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = UMT5Config(
-        vocab_size=((vocab_size + 15) // 16) * 16, d_model=TEXT_DIM, d_kv=64, d_ff=256, num_layers=2,
-        num_decoder_layers=0, num_heads=2, relative_attention_num_buckets=32, relative_attention_max_distance=64,
-        dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, tie_word_embeddings=False,
+        vocab_size=((vocab_size + 15) // 16) * 16,
+        d_model=TEXT_DIM,
+        d_kv=64,
+        d_ff=256,
+        num_layers=2,
+        num_decoder_layers=0,
+        num_heads=2,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
     )
     return UMT5EncoderModel(cfg)
 
@@ -82,13 +117,21 @@ def build_transformer():
 
 
 def encode_prompts(
-    tokenizer, text_encoder, prompts: list[str], device: torch.device | str,
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    device: torch.device | str,
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> torch.Tensor:
     """Prompt embeddings exactly as WanPipeline makes them: encoder states trimmed to the tokens, zero-padded."""
     ids = tokenizer(
-        prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        prompts,
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
     )
     mask = ids.attention_mask.to(device)
     hidden = text_encoder(ids.input_ids.to(device), mask).last_hidden_state
@@ -139,11 +182,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype | None = None) -> dict:
     """``state`` with keys prefixed (and floating tensors cast to ``dtype`` if given)."""
-    return {
-        prefix + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()
-    }
+    return {prefix + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
 
 
 def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``tensors`` under ``prefix``, prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
             torch._foreach_lerp_(list(ema.values()), [p.detach() for p in ema_params], 1 - decay)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 100 == 0 or step == 1:
-            log(f"step {step} t={clock.elapsed:.0f}s loss {loss.item():.4f} avg {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(
+                f"step {step} t={clock.elapsed:.0f}s loss {loss.item():.4f} avg {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e}"
+            )
         if clock.elapsed - last_save > args.save_every:
             save()
             last_save = clock.elapsed

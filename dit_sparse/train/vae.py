@@ -60,10 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--eval-frames", type=int, default=61)
     ap.add_argument("--init", default=None, help="start from these VAE weights (fresh optimizer and step)")
-    ap.add_argument("--decoder-only", action="store_true",
-                    help="fine-tune the decoder on frozen-encoder latents (keeps the latent space)")
-    ap.add_argument("--object-weight", type=float, default=0.0,
-                    help="extra loss weight on pixels covered by (or next to) objects")
+    ap.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="fine-tune the decoder on frozen-encoder latents (keeps the latent space)",
+    )
+    ap.add_argument(
+        "--object-weight", type=float, default=0.0, help="extra loss weight on pixels covered by (or next to) objects"
+    )
     ap.add_argument("--crop", type=int, default=0, help="decoder-only: train on random latent crops of this size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -92,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99),
-                                weight_decay=0.0)
+        opt = torch.optim.AdamW(
+            [p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0
+        )
         if step:
             load_optimizer_tensors(opt, names, tensors, step)
     nparams = sum(p.numel() for p in vae.parameters())
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 kl = torch.zeros((), device=dev)
                 if args.crop and args.crop < z.shape[-1]:
                     y0, x0 = rng.randrange(z.shape[-2] - args.crop + 1), rng.randrange(z.shape[-1] - args.crop + 1)
-                    z = z[..., y0:y0 + args.crop, x0:x0 + args.crop]
+                    z = z[..., y0 : y0 + args.crop, x0 : x0 + args.crop]
                     f = args.size // vae_latent_size(args.size)
                     sl = (..., slice(y0 * f, (y0 + args.crop) * f), slice(x0 * f, (x0 + args.crop) * f))
                     video, weight = video[sl], weight[sl]
