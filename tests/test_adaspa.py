@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from host_sync import no_host_sync
-from tiny_dit import BUILDERS, run
+from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.kernels import block_sparse_attention
@@ -183,22 +183,10 @@ def test_output_equals_reference_kernel_on_its_plan(text_where, dtype):
 
 # ------------------------------------------------------------------ end to end on the tiny test DiTs
 def test_tiny_wan_pipeline_with_cfg_steps():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    model, _ = BUILDERS["wan"]()
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, transformer=model,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
+    pipe = wan_pipeline()
     dit_sparse.apply(pipe, "adaspa", block_size=16, sparsity=0.6, dense_steps=1, search_interval=2, min_seq_len=0)
-    g = torch.Generator().manual_seed(0)
     try:
-        latents = pipe(
-            prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            height=128, width=128, num_frames=13, num_inference_steps=4, guidance_scale=6.0, output_type="latent",
-            generator=g,
-        ).frames  # fmt: skip
+        latents = generate_latents(pipe, steps=4)
         rep = dit_sparse.report(pipe)
     finally:
         dit_sparse.remove(pipe)

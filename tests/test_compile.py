@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_dit import BUILDERS, run
+from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse import bench
@@ -59,38 +59,20 @@ def _steps(model: Any, call: Any, inputs: dict[str, Any], n: int = 3) -> list[to
     return outs
 
 
-def _wan_pipe(model: Any) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    return WanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, transformer=model,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
-
-
-def _generate(pipe: Any, steps: int = 3) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-        height=128, width=128, num_frames=13, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
-        generator=g,
-    ).frames  # fmt: skip
-
-
 def test_regional_compile_window_pipeline_matches_eager():
     """A WanPipeline (3 steps, CFG, dense warm-up step) with compile_repeated_blocks gives the eager latents; steps and
     CFG passes advance; a second generation compiles nothing."""
     model, _ = BUILDERS["wan"]()
-    pipe = _wan_pipe(model)
+    pipe = wan_pipeline(model)
     dit_sparse.apply(pipe, "window", dense_steps=1, **WINDOW)
     try:
-        ref = _generate(pipe)
+        ref = generate_latents(pipe, steps=3)
         eager = dit_sparse.report(pipe, reset=True)
         model.compile_repeated_blocks(backend="inductor")
-        out = _generate(pipe)
+        out = generate_latents(pipe, steps=3)
         compiled = dit_sparse.report(pipe, reset=True)
         graphs = _graphs()
-        again = _generate(pipe)
+        again = generate_latents(pipe, steps=3)
         assert _graphs() == graphs  # no recompilation per step, CFG pass or generation
         rep = dit_sparse.report(pipe)
     finally:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from host_sync import no_host_sync
-from tiny_dit import BUILDERS, run
+from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.kernels import block_sparse_attention
@@ -155,23 +155,11 @@ def test_no_host_sync_when_planning():
 
 # ------------------------------------------------------------------ end to end on the tiny test DiTs
 def test_tiny_wan_pipeline_with_cfg_steps():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    model, _ = BUILDERS["wan"]()  # 4 x 8 x 8 = 256 video tokens per call
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, transformer=model,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
+    pipe = wan_pipeline()  # 4 x 8 x 8 = 256 video tokens per call
     dit_sparse.apply(pipe, "draft", pool=(4, 4), block_size=16, sparsity=0.5, dense_steps=1, dense_layers=0,
                      min_seq_len=0)  # fmt: skip
-    g = torch.Generator().manual_seed(0)
     try:
-        latents = pipe(
-            prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            height=128, width=128, num_frames=13, num_inference_steps=3, guidance_scale=6.0, output_type="latent",
-            generator=g,
-        ).frames  # fmt: skip
+        latents = generate_latents(pipe, steps=3)
         rep = dit_sparse.report(pipe)
     finally:
         dit_sparse.remove(pipe)

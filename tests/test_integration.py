@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from tiny_dit import BUILDERS, run
+from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.layout import TokenLayout
@@ -16,23 +16,8 @@ from dit_sparse.state import GenerationState, get_tracker
 
 @pytest.fixture(scope="module")
 def wan_pipe():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
     model, inputs = BUILDERS["wan"]()
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, transformer=model,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
-    return pipe, inputs
-
-
-def _call(pipe, steps: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-        height=128, width=128, num_frames=13, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
-        generator=g,
-    ).frames  # fmt: skip
+    return wan_pipeline(model), inputs
 
 
 def test_wan_pipeline_window_steps_passes_and_reset(wan_pipe):
@@ -48,10 +33,10 @@ def test_wan_pipeline_window_steps_passes_and_reset(wan_pipe):
 
     tracker.state.begin = spy
     try:
-        _call(pipe)
+        generate_latents(pipe)
         rep = dit_sparse.report(pipe, reset=True)
         assert tracker.state.fresh  # Diffusers reset the stateful hook after the call
-        _call(pipe)
+        generate_latents(pipe)
         rep2 = dit_sparse.report(pipe)
     finally:
         dit_sparse.remove(pipe)
@@ -74,7 +59,7 @@ def test_first_block_cache_skips_do_not_corrupt_state(wan_pipe):
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # skips every block after the first
     dit_sparse.apply(pipe, "window", tile=(1, 4, 4), window=(1, 0, 0), block_size=16, min_seq_len=0)
     try:
-        _call(pipe, steps=3)
+        generate_latents(pipe, steps=3)
         rep = dit_sparse.report(pipe)
     finally:
         dit_sparse.remove(pipe)
@@ -243,17 +228,12 @@ def test_unsupported_mask_dropout_are_errors():
 
 
 def test_wan22_two_transformers(wan_pipe):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
     low, _ = BUILDERS["wan"]()
     high, _ = BUILDERS["wan"]()
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, transformer=high, transformer_2=low, boundary_ratio=0.875,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
+    pipe = wan_pipeline(high, transformer_2=low, boundary_ratio=0.875)
     dit_sparse.apply(pipe, "window", tile=(1, 4, 4), window=(1, 0, 0), block_size=16, min_seq_len=0)
     try:
-        _call(pipe)
+        generate_latents(pipe)
         rep = dit_sparse.report(pipe)
         steps = (get_tracker(high).state.step, get_tracker(low).state.step)
     finally:
@@ -270,7 +250,7 @@ def test_set_attn_processor_in_a_pipeline(wan_pipe):
     pipe.transformer.set_attn_processor(SparseProcessor("window", tile=(1, 4, 4), window=(1, 0, 0), block_size=16,
                                                         min_seq_len=0))  # fmt: skip
     try:
-        _call(pipe)
+        generate_latents(pipe)
         rep = dit_sparse.report(pipe)
     finally:
         dit_sparse.remove(pipe)

@@ -356,23 +356,15 @@ def test_end_to_end_families(family):
 
 
 def test_end_to_end_wan_pipeline_cfg():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tiny_dit import BUILDERS
+    from tiny_dit import BUILDERS, generate_latents, wan_pipeline
 
     from dit_sparse.state import get_tracker
 
     model, _ = BUILDERS["wan"]()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))  # fmt: skip
+    pipe = wan_pipeline(model)
 
     def call():
-        g = torch.Generator().manual_seed(0)
-        return pipe(
-            prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
-            height=128, width=128, num_frames=13, num_inference_steps=4, guidance_scale=6.0, output_type="latent",
-            generator=g,
-        ).frames  # fmt: skip
+        return generate_latents(pipe, steps=4)
 
     ref = call()
     dit_sparse.apply(pipe, "rettention", block_size=16, min_seq_len=0, dense_steps=1, refresh_interval=3, window=1)

@@ -145,3 +145,26 @@ BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
 def run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs)[0]
+
+
+def wan_pipeline(transformer: nn.Module | None = None, **components: Any) -> Any:
+    """A text-encoder-free WanPipeline around a tiny Wan transformer (``BUILDERS["wan"]`` unless given); extra
+    components (``transformer_2``, ``boundary_ratio``) are passed through."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    if transformer is None:
+        transformer, _ = wan()
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **components,
+    )  # fmt: skip
+
+
+def generate_latents(pipe: Any, steps: int = 2) -> torch.Tensor:
+    """Latents of one seeded CFG generation (13 frames at 128x128: 4 x 8 x 8 = 256 video tokens per call)."""
+    g = _gen(0)
+    return pipe(
+        prompt_embeds=torch.randn(1, 16, 32, generator=g), negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
+        height=128, width=128, num_frames=13, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
+        generator=g,
+    ).frames  # fmt: skip
