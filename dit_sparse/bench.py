@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from dit_sparse.state import Timer
+
 Shape = tuple[int, int, int]  # (frames, height, width) in pixels
 MakeInputs = Callable[[Any, Shape, torch.device, torch.dtype], tuple[dict[str, Any], int]]
 
@@ -321,22 +323,6 @@ def _query_key(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch
     return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(named))  # type: ignore[return-value]
 
 
-def _mark(device: torch.device) -> Any:
-    """A point in time: a recorded CUDA event on a CUDA device, the wall clock elsewhere (CPU tests)."""
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _elapsed_ms(start: Any, end: Any) -> float:
-    if isinstance(start, float):
-        return (end - start) * 1e3
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def _device_of(inputs: dict[str, Any]) -> torch.device:
     return next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
 
@@ -348,21 +334,21 @@ class _SelfAttentionTimer(TorchFunctionMode):
     def __init__(self, min_tokens: int = 1024) -> None:
         super().__init__()
         self.min_tokens = min_tokens
-        self.spans: list[tuple[Any, Any]] = []
+        self.timer = Timer()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k = _query_key(args, kwargs)
             if q.shape[-2] == k.shape[-2] >= self.min_tokens:
-                start = _mark(q.device)
+                start = Timer.start(q.device)
                 out = func(*args, **kwargs)
-                self.spans.append((start, _mark(q.device)))
+                self.timer.stop(start)
                 return out
         return func(*args, **kwargs)
 
     def total_ms(self) -> float:
-        return sum(_elapsed_ms(s, e) for s, e in self.spans)
+        return self.timer.total()
 
 
 @contextlib.contextmanager
@@ -393,14 +379,13 @@ def time_forward(
         for _ in range(warmup):
             with _step(model, steps):
                 call(**inputs)
-        times = []
+        timer = Timer()
         for _ in range(repeats):
             with _step(model, steps):
-                start = _mark(device)
+                start = Timer.start(device)
                 call(**inputs)
-                end = _mark(device)
-            times.append(_elapsed_ms(start, end))
-    return times
+                timer.stop(start)
+    return timer.values()
 
 
 def _warmup_s(model: Any, inputs: dict, steps: Iterator[int], call: Callable[..., Any]) -> float:
@@ -420,13 +405,13 @@ def attention_time(
     """(self-attention SDPA ms, forward ms) of one dense forward."""
     timer = _SelfAttentionTimer(min_tokens)
     device = _device_of(inputs)
+    forward = Timer()
     with torch.inference_mode(), _step(model, steps if steps is not None else itertools.count()):
-        start = _mark(device)
+        start = Timer.start(device)
         with timer:
             model(**inputs)
-        end = _mark(device)
-        total = _elapsed_ms(start, end)
-    return timer.total_ms(), total
+        forward.stop(start)
+    return timer.total_ms(), forward.total()
 
 
 def attention_share(model: Any, inputs: dict, steps: Iterator[int] | None = None, min_tokens: int = 1024) -> float:

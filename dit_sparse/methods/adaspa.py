@@ -110,10 +110,6 @@ class AdaSpa(Method):
     config_cls = AdaSpaConfig
     dynamic = True
 
-    def __init__(self, config: AdaSpaConfig | None = None) -> None:
-        super().__init__(config)
-        self._full: dict[tuple, BlockPlan] = {}
-
     # ---------------------------------------------------------------- schedule
     def needs_search(self, state: SearchState | None, q: torch.Tensor, ctx: StepContext) -> bool:
         """Whether this call searches: no usable plan yet, or a scheduled search step (``dense_steps + i ·
@@ -181,15 +177,8 @@ class AdaSpa(Method):
         """A first search step runs dense attention (its output and LSE) then scores; other calls use the plan."""
         state = ctx.cache.get(_CACHE_KEY)
         if self.needs_search(state, q, ctx) and self._cached_lse(state, q) is None:
-            out, lse = kernel(q, k, v, self._full_plan(q.shape[-2], q.device), True)
+            out, lse = kernel(q, k, v, self.full_plan(q.shape[-2], q.device), True)
             self.search(q, k, layout, ctx, lse)
             return out
         out, _ = kernel(q, k, v, self.get_plan(q, k, layout, ctx), False)
         return out
-
-    def _full_plan(self, n: int, device: torch.device) -> BlockPlan:
-        key = (n, device)
-        plan = self._full.get(key)
-        if plan is None:
-            plan = self._full[key] = BlockPlan.full(n, self.config.block_size, device=device)
-        return plan

@@ -115,6 +115,15 @@ class Method:
             self._static_plans[key] = plan
         return plan
 
+    def full_plan(self, seq_len: int, device: torch.device) -> BlockPlan:
+        """The dense plan at this method's block size, cached: for calls that need exact attention with its LSE
+        (AdaSpa's first search, Re-ttention's refresh)."""
+        key = ("full", seq_len, device)
+        plan = self._static_plans.get(key)
+        if plan is None:
+            plan = self._static_plans[key] = BlockPlan.full(seq_len, self.config.block_size, device=device)
+        return plan
+
     def describe(self) -> dict[str, Any]:
         """Name and hyper-parameters, for reports."""
         return {"method": self.name, **dataclasses.asdict(self.config)}

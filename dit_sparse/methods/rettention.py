@@ -169,7 +169,6 @@ class Rettention(Method):
 
     def __init__(self, config: RettentionConfig | None = None) -> None:
         super().__init__(config)
-        self._full_plans: dict[tuple, BlockPlan] = {}
         self._grow: weakref.WeakKeyDictionary[BlockPlan, torch.Tensor] = weakref.WeakKeyDictionary()
 
     @property
@@ -236,7 +235,7 @@ class Rettention(Method):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, step: int, kernel: Kernel
     ) -> tuple[torch.Tensor, _Entry]:
         """Dense and sparse attention of one call; ``rho = exp(L_s - L)``, ``R = O - rho · S``."""
-        full, lse_full = kernel(q, k, v, self._full_plan(q.shape[-2], q.device), True)
+        full, lse_full = kernel(q, k, v, self.full_plan(q.shape[-2], q.device), True)
         sparse, lse_sparse = kernel(q, k, v, plan, True)
         if lse_full is None or lse_sparse is None:
             raise RuntimeError("rettention: the kernel returned no LSE on a refresh step (return_lse=True)")
@@ -244,13 +243,6 @@ class Rettention(Method):
         rho = torch.exp(lse_sparse - lse_full).nan_to_num_(0.0).clamp_(0.0, 1.0)
         residual = torch.addcmul(full, sparse, rho.unsqueeze(-1).to(sparse.dtype), value=-1)
         return full, _Entry(step, rho, residual)
-
-    def _full_plan(self, n: int, device: torch.device) -> BlockPlan:
-        key = (n, self.config.block_size, device)
-        plan = self._full_plans.get(key)
-        if plan is None:
-            plan = self._full_plans[key] = BlockPlan.full(n, self.config.block_size, device=device)
-        return plan
 
     def _grow_rows(self, plan: BlockPlan) -> torch.Tensor:
         """Float ``[N]`` in the original token order: 1 where ``rho`` grows, 0 on rows the plan covers completely."""
