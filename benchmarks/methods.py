@@ -25,8 +25,10 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -172,8 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     heads, head_dim = (HEADS, 16) if args.dry_run else (HEADS, HEAD_DIM)
     block = 8 if args.dry_run else None
     backends = ["reference"] if args.dry_run else args.backends.split(",")
-    tmp = Path(args.out) / ".methods-configs"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="dit-sparse-methods-"))  # svdit configs of this run (scratch)
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -249,6 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["rows"].append(row)
                 print(f"  {row['method']:<22} {backend:<9} density {row['density']:.3f}  {row['ms']:8.3f} ms  "
                       f"x{row['speedup']:5.2f}  (mean step of its refresh cycle)", flush=True)  # fmt: skip
+    shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -261,7 +263,7 @@ def _version(module: str) -> str | None:
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [
-        f"# Static methods vs dense SDPA — {results['date']}",
+        f"# Sparse-attention methods vs dense SDPA (one attention layer) — {results['date']}",
         "",
         f"- device: {results['device']}; torch {results['torch']}; triton {results['triton']}; "
         f"diffusers {results['diffusers']}; python {results['python']}",

@@ -17,8 +17,10 @@ Timing: CUDA events, warm-up excluded, median of ``repeats``; the dense baseline
 SDPA as Diffusers runs it), measured in the same process. For each method the report gives the forward time, the
 speedup, the method's density over all self-attention calls (dense layers count 1), the attention share ``a`` of the
 dense forward and the Amdahl limit ``1 / ((1 - a) + a * density)``, and the fraction reached. A method whose steps
-differ in cost (``cycle_steps > 1``: Re-ttention's dense refresh every few steps) is timed over whole cycles and
-reported with the mean forward time and the density over one cycle (refresh steps count 1 + sparse density).
+differ in cost (``cycle_steps > 1``: Re-ttention's dense refresh every few steps, AdaSpa's search every
+``search_interval`` steps) is timed over whole cycles and reported with the mean forward time and the density over
+one cycle (refresh steps count 1 + sparse density; a search step counts its plan's density, its scoring pass shows
+in the time only).
 
 ``compile="blocks"`` / ``"full"`` (``--compile``): after a model's eager figures, the same model is compiled the way
 users compile it (``blocks``: regional, ``transformer.compile_repeated_blocks()`` where the class defines
@@ -545,12 +547,16 @@ def run(
             )  # fmt: skip
             for method, params in specs:
                 params = {"dense_steps": 0, **params}  # one forward = one sparse step; warm-up steps are not timed
-                # steps of unequal cost (rettention: a dense refresh every `cycle` steps): whole cycles, mean time
-                cycle = max(1, int(getattr(get_method(method, **params), "cycle_steps", 1)))
+                # steps of unequal cost (a refresh or a search every `cycle` steps): whole cycles, mean time
+                cycle = get_method(method, **params).cycle_steps
                 dit_sparse.apply(model, method, **params)
                 try:
                     steps = itertools.count()  # a fresh generation: steps 0, 1, ... as in a real run
-                    ms = time_forward(model, inputs, -(-repeats // cycle) * cycle, warmup, steps)
+                    # a cycle method's step 0 is its special step (first search, refresh) and step 1 its first
+                    # ordinary one, whose new plan autotunes the kernel: both warm up, then whole cycles are timed
+                    ms = time_forward(
+                        model, inputs, -(-repeats // cycle) * cycle, max(2, warmup) if cycle > 1 else warmup, steps
+                    )
                     dit_sparse.report(model, reset=True)
                     time_forward(model, inputs, cycle, 0, steps)
                     rep = dit_sparse.report(model, reset=True)

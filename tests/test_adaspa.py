@@ -9,10 +9,11 @@ from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.kernels.block_mass import block_mass
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import get_method
 from dit_sparse.methods.adaspa import AdaSpaConfig
-from dit_sparse.methods.selection import block_mass, keep_count
+from dit_sparse.methods.selection import keep_count
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import StepContext
 

@@ -7,9 +7,7 @@ import torch
 from host_sync import HostSyncError, no_host_sync
 
 from dit_sparse.layout import TokenLayout
-from dit_sparse.methods import selection
 from dit_sparse.methods.selection import (
-    block_mass,
     forced_blocks,
     keep_count,
     keep_first,
@@ -85,47 +83,6 @@ def test_rank_rows_forced_first_and_keep_first_counts():
     # the unforced picks are the highest-scoring columns
     top = scores[0, 0, 0, :7].argmax()
     assert bool(mask[0, 0, 0, top])
-
-
-def _brute_mass(q: torch.Tensor, k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = q.shape[-2]
-    p = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
-    m = -(-n // block)
-    pad = torch.zeros(*p.shape[:2], m * block, m * block)
-    pad[..., :n, :n] = p
-    mass = pad.view(*p.shape[:2], m, block, m, block).sum((3, 5))
-    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
-    return mass, lse
-
-
-@pytest.mark.parametrize("n", [64, 61])
-def test_block_mass_matches_dense_softmax(n, monkeypatch):
-    q, k = _randn(2, 3, n, 8, seed=1), _randn(2, 3, n, 8, seed=2)
-    monkeypatch.setattr(selection, "_MASS_CHUNK_ELEMENTS", 2 * 3 * n * 16)  # 16 rows per chunk: several chunks
-    mass, lse = block_mass(q, k, 8)
-    ref, ref_lse = _brute_mass(q, k, 8)
-    torch.testing.assert_close(mass, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
-    rows = torch.full((mass.shape[2],), 8.0)
-    rows[-1] = n - 8 * (mass.shape[2] - 1)
-    torch.testing.assert_close(mass.sum(-1), rows.expand(2, 3, -1))  # each row's mass is 1
-    # cached LSE (same q, k): the same scores in one pass
-    again, used = block_mass(q, k, 8, lse=lse)
-    assert used is lse
-    torch.testing.assert_close(again, mass, atol=1e-6, rtol=1e-6)
-
-
-def test_block_mass_bf16_and_no_host_sync():
-    q, k = _randn(1, 2, 40, 8, seed=3).bfloat16(), _randn(1, 2, 40, 8, seed=4).bfloat16()
-    with no_host_sync():
-        mass, lse = block_mass(q, k, 8)
-        select_global(mass, 5)
-        order, _ = rank_rows(mass, forced_blocks(torch.zeros(5, dtype=torch.bool)))
-        keep_first(order, torch.tensor([[2, 3]]))
-    ref, _ = _brute_mass(q, k, 8)
-    torch.testing.assert_close(mass, ref, atol=2e-2, rtol=2e-2)  # scores rounded to bf16 before the exp
-    with pytest.raises(HostSyncError), no_host_sync():
-        bool(mass.sum() > 0)
 
 
 def test_density_hint_spares_the_kernel_a_host_read():

@@ -28,11 +28,11 @@ Choices and deviations:
   skipped at a search step searches at its next call.
 - The output of a first search step is the dense pass's output (exact); at a later search step it is the new plan's
   sparse output. The paper leaves the output of its fused search kernel implicit.
-- The scoring pass (:func:`dit_sparse.methods.selection.block_mass`) is plain torch chunked over query blocks: q·kᵀ
-  in the inputs' dtype, the softmax terms in float32, one chunk of scores materialised at a time. It is not fused
-  yet (the paper fuses it into the attention kernel): on search steps only, it costs several passes over an
-  ``N × N`` score matrix (``benchmarks/methods.py`` times it as ``adaspa:search-step``). It ignores key padding
-  (HunyuanVideo's padded text keys): they only add mass to text columns, which are kept anyway.
+- The scoring pass is :func:`dit_sparse.kernels.block_mass.block_mass`: on CUDA one fused Triton pass (``q·kᵀ`` and
+  the exponentials reduced per block pair in registers; about 0.7x a dense attention call), in torch elsewhere. It is a
+  pass of its own after the dense one rather than fused into it: the mass needs the row's final LSE, which the
+  dense pass only knows at its end. ``benchmarks/methods.py`` times it as ``adaspa:search-step``. It ignores key
+  padding (HunyuanVideo's padded text keys): they only add mass to text columns, which are kept anyway.
 - The paper's pseudocode writes ``Log(qk − LSE)`` where ``exp(scale · qk − LSE)`` is meant. Scores use the
   ``1/√D`` scale: methods are not handed the call's own scale, and the supported Diffusers models use the default.
 - Memory: each (layer, CFG pass) keeps its plan (int32 ``[B, H, M, M]``, ``M = ceil(N / block_size)``) and its LSE
@@ -46,9 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dit_sparse.kernels.block_mass import block_mass
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods.base import Kernel, Method, MethodConfig, check_range, register
-from dit_sparse.methods.selection import block_mass, forced_blocks, keep_count, keep_first, rank_rows, text_blocks
+from dit_sparse.methods.selection import forced_blocks, keep_count, keep_first, rank_rows, text_blocks
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import StepContext
 
@@ -111,6 +112,12 @@ class AdaSpa(Method):
     dynamic = True
 
     # ---------------------------------------------------------------- schedule
+    @property
+    def cycle_steps(self) -> int:
+        """``search_interval`` (1 when searching once): one search step with the cached LSE, then reuses of its
+        plan. A layer's first search (dense pass + scoring) comes before the first cycle."""
+        return max(1, self.config.search_interval)
+
     def needs_search(self, state: SearchState | None, q: torch.Tensor, ctx: StepContext) -> bool:
         """Whether this call searches: no usable plan yet, or a scheduled search step (``dense_steps + i ·
         search_interval``) has come since the last search (also when a cache hit skipped the layer at that step)."""

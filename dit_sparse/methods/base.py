@@ -100,6 +100,12 @@ class Method:
         """Whether :meth:`post` reads the LSE (the kernel then returns it)."""
         return False
 
+    @property
+    def cycle_steps(self) -> int:
+        """Denoising steps after which the method's per-step cost repeats (1: every step costs the same); benchmarks
+        time whole cycles and report the mean step."""
+        return 1
+
     def static_key(self, layout: TokenLayout, heads: int, ctx: StepContext) -> tuple:
         """Cache key of a static plan: the layout (batch excluded) and head count; override to add the layer."""
         return (dataclasses.replace(layout, batch=1), heads)
