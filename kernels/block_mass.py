@@ -110,24 +110,28 @@ if importlib.util.find_spec("triton") is not None:
     import triton.language as tl
 
     @triton.jit
-    def _mass_tile(q, K, k_base, kb, t, offs_n, offs_d, N, skn, lse2, qk_scale, cap2, BLOCK, TILE_M: tl.constexpr,
-                   TILE_N: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                   UPCAST: tl.constexpr):  # fmt: skip
-        """``[G]``: per query block of the tile, the sum of ``exp2(qk_scale · q·k − lse2)`` over one key tile (the
-        ``t``-th sub-tile of key block ``kb``)."""
-        cols = kb * BLOCK + t * TILE_N + offs_n
+    def _qk(q, K, k_base, cols, ok, offs_d, skn, MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """``q·kᵀ`` [TILE_M, TILE_N] against the key rows ``cols`` (rows where not ``ok`` load as 0 when MASKED)."""
         k_ptrs = K + (k_base + cols.to(tl.int64)[:, None] * skn) + offs_d[None, :]
         if MASKED:
-            ok = (cols < N) & (t * TILE_N + offs_n < BLOCK)
             k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
         if UPCAST:
             k = k.to(tl.float32)
         if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
+            return tl.dot(q, tl.trans(k), input_precision="ieee")
+        return tl.dot(q, tl.trans(k))
+
+    @triton.jit
+    def _mass_tile(q, K, k_base, kb, t, offs_n, offs_d, N, skn, lse2, qk_scale, cap2, BLOCK, TILE_M: tl.constexpr,
+                   TILE_N: tl.constexpr, G: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):  # fmt: skip
+        """``[G]``: per query block of the tile, the sum of ``exp2(qk_scale · q·k − lse2)`` over one key tile (the
+        ``t``-th sub-tile of key block ``kb``)."""
+        cols = kb * BLOCK + t * TILE_N + offs_n
+        ok = (cols < N) & (t * TILE_N + offs_n < BLOCK)
+        qk = _qk(q, K, k_base, cols, ok, offs_d, skn, MASKED, IEEE, UPCAST)
         z = tl.minimum(qk * qk_scale - lse2[:, None], cap2)
         if MASKED:
             z = tl.where(ok[None, :], z, float("-inf"))
@@ -167,14 +171,7 @@ if importlib.util.find_spec("triton") is not None:
             for j in tl.range(0, tl.cdiv(N, TILE_N)):
                 cols = j * TILE_N + offs_n
                 ok = cols < N
-                k = tl.load(K + (k_base + cols.to(tl.int64)[:, None] * skn) + offs_d[None, :], mask=ok[:, None],
-                            other=0.0)  # fmt: skip
-                if UPCAST:
-                    k = k.to(tl.float32)
-                if IEEE:
-                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(k))
+                qk = _qk(q, K, k_base, cols, ok, offs_d, skn, True, IEEE, UPCAST)
                 qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
