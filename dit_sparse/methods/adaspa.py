@@ -28,10 +28,10 @@ Choices and deviations:
   skipped at a search step searches at its next call.
 - The output of a first search step is the dense pass's output (exact); at a later search step it is the new plan's
   sparse output. The paper leaves the output of its fused search kernel implicit.
-- The scoring pass is :func:`dit_sparse.kernels.block_mass.block_mass`: on CUDA one fused Triton pass (``q·kᵀ`` and
-  the exponentials reduced per block pair in registers; about 0.7x a dense attention call), in torch elsewhere. It is a
-  pass of its own after the dense one rather than fused into it: the mass needs the row's final LSE, which the
-  dense pass only knows at its end. ``benchmarks/methods.py`` times it as ``adaspa:search-step``. It ignores key
+- The scoring pass is :func:`dit_sparse.kernels.block_mass.block_mass`: on CUDA one fused Triton pass (``q·kᵀ``
+  and the exponentials reduced per block pair in registers; about 0.7x a dense attention call), in torch elsewhere.
+  It is a pass of its own after the dense one rather than fused into it: the mass needs the row's final LSE, which
+  the dense pass only knows at its end. ``benchmarks/methods.py`` times it as ``adaspa:search-step``. It ignores key
   padding (HunyuanVideo's padded text keys): they only add mass to text columns, which are kept anyway.
 - The paper's pseudocode writes ``Log(qk − LSE)`` where ``exp(scale · qk − LSE)`` is meant. Scores use the
   ``1/√D`` scale: methods are not handed the call's own scale, and the supported Diffusers models use the default.

@@ -1,12 +1,13 @@
 """Block scoring and block selection shared by the dynamic methods (``draft``, ``adaspa``).
 
 Scoring: :func:`pool_blocks` (mean q or k per kernel block, DraftAttention's draft tokens); AdaSpa's exact block
-mass is a kernel (:func:`dit_sparse.kernels.block_mass.block_mass`). Selection: a per-head
-threshold over a whole map (:func:`select_global`), a per-row count of blocks by rank (:func:`rank_rows` and
-:func:`keep_first`), and the blocks every plan keeps (:func:`forced_blocks`: text rows and columns, and each query
-block's own diagonal block so that no row is ever empty).
+mass is a kernel (:func:`dit_sparse.kernels.block_mass.block_mass`). Selection: a per-head threshold over a whole map
+(:func:`select_global`), a per-row count of blocks by rank (:func:`rank_rows` and :func:`keep_first`), and the blocks
+every plan keeps (:func:`forced_blocks`: text rows and columns, and each query block's own diagonal block so that no
+row is ever empty).
 
-Everything works on whole tensors: no Python loop over blocks or tokens and no device value is read on the host, so a plan can be rebuilt at every call without a sync.
+Everything works on whole tensors: no Python loop over blocks or tokens and no device value is read on the host, so
+a plan can be rebuilt at every call without a sync.
 """
 
 from __future__ import annotations
