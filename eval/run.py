@@ -34,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -761,30 +762,13 @@ def run(
                 log(f"note: the dense video regenerated for timing differs from the cached one (max |diff| {diff}/255)")
         ref = references[(prompt, seed)]
 
-        g = generate(
-            pipe,
-            prompt,
-            seed,
-            settings,
-            method=spec.name,
-            params=spec.params,
-            backend=backend,
-            progress=progress,
-            desc=f"{spec.label[:24]} s{seed}",
+        gen_video = partial(
+            generate, pipe, prompt, seed, settings, method=spec.name, params=spec.params, backend=backend
         )
+        g = gen_video(progress=progress, desc=f"{spec.label[:24]} s{seed}")
         rep = g.report or {}
         if error_sample > 0:  # a second, untimed pass measures the attention error (it runs exact attention too)
-            e = generate(
-                pipe,
-                prompt,
-                seed,
-                settings,
-                method=spec.name,
-                params=spec.params,
-                backend=backend,
-                error_sample=error_sample,
-                progress=False,
-            )
+            e = gen_video(error_sample=error_sample, progress=False)
             rep = {**rep, **{k: (e.report or {}).get(k) for k in ("attn_out_rel_l2", "attn_lse_rel_l2")}}
         lp = metric(ref, g.video) if metric is not None else None
         dense_ms = dense_timing.transformer_ms_per_step

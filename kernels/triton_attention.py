@@ -251,30 +251,8 @@ def _block_sparse_fwd(
     for j in tl.range(0, n_blocks * KV_SUB):
         kb = tl.load(idx_ptr + j // KV_SUB)
         start = kb * PLAN_BKV + (j % KV_SUB) * BLOCK_N
-        k, v = _load_kv(
-            K,
-            V,
-            desc_k,
-            desc_v,
-            k_base,
-            v_base,
-            row0_k,
-            col0_k,
-            row0_v,
-            col0_v,
-            PERM,
-            start,
-            offs_n,
-            offs_d,
-            N,
-            skn,
-            svn,
-            False,
-            HAS_PERM,
-            USE_TMA,
-            OFF64,
-            UPCAST,
-        )
+        k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
+                        offs_n, offs_d, N, skn, svn, False, HAS_PERM, USE_TMA, OFF64, UPCAST)  # fmt: skip
         keep = offs_n[None, :] >= 0
         if HAS_KVLEN:
             keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
@@ -285,30 +263,8 @@ def _block_sparse_fwd(
             tail0 = (MK - 1) * PLAN_BKV
             for t in tl.range(0, tl.cdiv(N - tail0, BLOCK_N), num_stages=1):
                 start = tail0 + t * BLOCK_N
-                k, v = _load_kv(
-                    K,
-                    V,
-                    desc_k,
-                    desc_v,
-                    k_base,
-                    v_base,
-                    row0_k,
-                    col0_k,
-                    row0_v,
-                    col0_v,
-                    PERM,
-                    start,
-                    offs_n,
-                    offs_d,
-                    N,
-                    skn,
-                    svn,
-                    True,
-                    HAS_PERM,
-                    False,
-                    OFF64,
-                    UPCAST,
-                )
+                k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
+                                offs_n, offs_d, N, skn, svn, True, HAS_PERM, False, OFF64, UPCAST)  # fmt: skip
                 keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, IEEE)
 
