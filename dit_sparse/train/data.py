@@ -174,6 +174,13 @@ def render(
     scenes: list[SceneSpec], frames: int, height: int, width: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Render scenes as a video batch of shape (B, 3, frames, height, width) in [-1, 1], float32."""
+    return render_with_coverage(scenes, frames, height, width, device)[0]
+
+
+def render_with_coverage(
+    scenes: list[SceneSpec], frames: int, height: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``render`` plus the objects' coverage (B, 1, frames, height, width) in [0, 1] (max over objects)."""
     dev = torch.device(device)
     b = len(scenes)
     f32 = dict(device=dev, dtype=torch.float32)
@@ -196,6 +203,7 @@ def render(
     # objects, layer by layer (second object drawn over the first)
     tt = torch.arange(frames, **f32).view(1, frames, 1, 1)
     frac = (tt - (frames - 1) / 2) / max(frames - 1, 1)  # -0.5 .. 0.5
+    coverage = torch.zeros(b, 1, frames, height, width, **f32)
     for layer in range(max(len(s.objects) for s in scenes)):
 
         def attr(fn, default: float = 0.0, layer: int = layer) -> torch.Tensor:
@@ -215,7 +223,8 @@ def render(
         ).view(b, 3, 1, 1, 1)
         cov = cov.unsqueeze(1)
         video = video * (1 - cov) + rgb * cov
-    return video * 2 - 1
+        coverage = torch.maximum(coverage, cov)
+    return video * 2 - 1, coverage
 
 
 def batch(

@@ -1,11 +1,14 @@
 """Train the tiny WanTransformer3DModel (and its UMT5 text encoder) with rectified flow (resumable).
 
-    python -m dit_sparse.train.transformer --vae .work/ckpt/vae --out .work/ckpt/t2v --minutes 8
+    python -m dit_sparse.train.transformer --vae .work/ckpt/vae --out .work/ckpt/t2v --minutes 8 --compile
 
 Videos are rendered and encoded by the frozen VAE on the fly into a replay buffer; each step mixes fresh
 and buffered latents. Flow matching as in Wan: x_t = (1 - s) x_0 + s e, the model predicts e - x_0 at
 timestep 1000 s, with s drawn uniformly and then shifted by ``--shift`` (the scheduler's flow_shift).
 Captions are dropped (replaced by "") with probability ``--drop`` for classifier-free guidance.
+``--object-weight W`` (default 4) weighs the loss on latent tokens covered by (or next to) an object by 1 + W:
+objects fill ~4% of the tokens but carry everything the caption names. ``--compile`` compiles each transformer
+block (0.082 s per step of batch 32 on an H100 instead of 0.145 s eager).
 """
 
 from __future__ import annotations
@@ -41,40 +44,57 @@ def load_vae(path: str, device: torch.device):
     return vae.to(device).eval(), meta
 
 
+def latent_object_mask(coverage: torch.Tensor, t_factor: int = 4, s_factor: int = 8) -> torch.Tensor:
+    """Object coverage (B, 1, T, H, W) -> bool mask on the Wan latent grid, dilated by one latent pixel.
+
+    Latent frame 0 holds pixel frame 0 alone and latent frame k >= 1 holds frames t_factor*(k-1)+1 .. t_factor*k.
+    """
+    cov = torch.cat([coverage[:, :, :1].expand(-1, -1, t_factor - 1, -1, -1), coverage], 2)
+    grid = F.max_pool3d(cov, (t_factor, s_factor, s_factor))
+    return F.max_pool3d(grid, (1, 3, 3), 1, (0, 1, 1)) > 0
+
+
 class LatentBuffer:
-    """Ring buffer of normalised video latents and captions, filled from the procedural generator."""
+    """Ring buffer of normalised video latents, their object masks and captions, filled from the generator."""
 
     def __init__(self, vae, size: int, frames: int, res: int, device: torch.device, seed: int) -> None:
         self.vae, self.size, self.frames, self.res, self.dev = vae, size, frames, res, device
         self.mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
         self.lat: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self.caps: list[str] = []
         self.pos = 0
+        self.filled = 0
         self.seed = seed
 
     @torch.no_grad()
     def add(self, n: int, two_prob: float) -> None:
         """Render, encode and store ``n`` new videos."""
-        video, caps = data.batch(self.seed, n, self.frames, self.res, self.res, self.dev, two_prob=two_prob)
+        scenes = data.sample_scenes(self.seed, n, two_prob)
+        video, coverage = data.render_with_coverage(scenes, self.frames, self.res, self.res, self.dev)
         self.seed += 1
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
             z = self.vae.encode(video).latent_dist.mode()
         z = ((z.float() - self.mean) / self.std).half()
-        if self.lat is None:
+        mask = latent_object_mask(coverage)
+        if self.lat is None or self.mask is None:
             self.lat = torch.empty((self.size, *z.shape[1:]), dtype=torch.float16, device=self.dev)
+            self.mask = torch.empty((self.size, *mask.shape[1:]), dtype=torch.bool, device=self.dev)
             self.caps = [""] * self.size
         for i in range(n):
             self.lat[self.pos] = z[i]
-            self.caps[self.pos] = caps[i]
+            self.mask[self.pos] = mask[i]
+            self.caps[self.pos] = scenes[i].caption
             self.pos = (self.pos + 1) % self.size
-        self.filled = min(getattr(self, "filled", 0) + n, self.size)
+        self.filled = min(self.filled + n, self.size)
 
-    def sample(self, n: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
-        """``n`` random buffered latents (float32) and their captions."""
+    def sample(self, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``n`` random buffered latents (float32), their object masks (B, 1, T, h, w) and captions."""
+        assert self.lat is not None and self.mask is not None
         idx = [rng.randrange(self.filled) for _ in range(n)]
-        assert self.lat is not None
-        return self.lat[torch.tensor(idx, device=self.dev)].float(), [self.caps[i] for i in idx]
+        at = torch.tensor(idx, device=self.dev)
+        return self.lat[at].float(), self.mask[at], [self.caps[i] for i in idx]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,17 +105,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fresh", type=int, default=32, help="new videos rendered and encoded per refresh")
-    ap.add_argument("--fresh-every", type=int, default=8, help="steps between refreshes (VAE encoding is launch-bound)")
-    ap.add_argument("--prime", type=int, default=2048, help="latents encoded before the first step")
-    ap.add_argument("--buffer", type=int, default=2048)
+    ap.add_argument(
+        "--fresh-every", type=int, default=16, help="steps between refreshes (VAE encoding is launch-bound)"
+    )
+    ap.add_argument("--prime", type=int, default=1024, help="latents encoded before the first step")
+    ap.add_argument("--buffer", type=int, default=4096)
     ap.add_argument("--frames", type=int, default=61)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-4)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--shift", type=float, default=3.0)
     ap.add_argument("--drop", type=float, default=0.1, help="caption dropout probability")
     ap.add_argument("--two-prob", type=float, default=0.3)
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--object-weight", type=float, default=4.0, help="extra loss weight on object tokens")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     ap.add_argument("--init", default=None, help="start from these weights (fresh optimizer, EMA and step)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,10 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(args.out, tensors, meta)
 
     buf = LatentBuffer(vae, args.buffer, args.frames, args.size, dev, seed=1_000_003 * (1 + step // 1000) + step)
-    while getattr(buf, "filled", 0) < min(args.buffer, max(args.prime, args.batch)):
+    while buf.filled < min(args.buffer, max(args.prime, args.batch)):
         buf.add(64, args.two_prob)
     log(f"buffer primed with {buf.filled} latents {tuple(buf.lat.shape[1:])}")  # type: ignore[union-attr]
 
+    if args.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
     ema_params = [dict(m.named_parameters())[n.split(".", 1)[1]] for n in ema for m in [modules[n.split(".", 1)[0]]]]
     clock = Clock(args.minutes)
     last_save = clock.elapsed
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     while not clock.done():
         if args.fresh and step % args.fresh_every == 0:
             buf.add(args.fresh, args.two_prob)
-        x0, caps = buf.sample(args.batch, rng)
+        x0, mask, caps = buf.sample(args.batch, rng)
         caps = ["" if rng.random() < args.drop else c for c in caps]
         b = x0.shape[0]
         u = torch.rand(b, device=dev, generator=gen)
@@ -178,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.autocast(**amp):
             emb = encode_prompts(tokenizer, text_encoder, caps, dev)
             pred = transformer(xt, s * 1000.0, emb, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target)
+        weight = 1 + args.object_weight * mask.float()
+        loss = (weight * (pred.float() - target) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
