@@ -9,7 +9,9 @@
   LPIPS of its video against the reference, attention-level error (``report().attn_error``), density, attention
   and transformer time per denoising step, and the speedup against the dense transformer time measured in this
   same process (the latest dense generation; when the references come from the cache, dense is generated once
-  more for its timing).
+  more for its timing);
+* on the embedded model, ``caption_ok``: whether the method's video still passes the model's caption check (each
+  named colour found and moving in the named direction, ``dit_sparse/train/captions.py``); None elsewhere.
 
 Transformer time is measured around every transformer forward (CUDA events on a GPU, wall clock otherwise); the
 per-step figure is the median forward time × forwards per step (the median drops the warm-up forward).
@@ -44,6 +46,7 @@ import torch
 from dit_sparse.eval.metrics import LPIPS, psnr, ssim
 from dit_sparse.eval.video import side_by_side, to_uint8, write_video
 from dit_sparse.methods.base import split_method_spec
+from dit_sparse.train.captions import check_video, parse_caption
 
 __all__ = [
     "BUILTIN_PROMPTS",
@@ -544,6 +547,15 @@ def _num(v: Any) -> float | None:
         return None
 
 
+def caption_ok(video: np.ndarray, prompt: str) -> bool | None:
+    """The embedded model's caption check on one generated video (``dit_sparse.train.captions``): does it show
+    each colour named in ``prompt`` moving in the named direction? None when the prompt names no object."""
+    if not parse_caption(prompt):
+        return None
+    frames = video.astype(np.float32) / 255.0 if video.dtype == np.uint8 else video
+    return check_video(frames, prompt).ok
+
+
 def _fingerprint(pipe: Any) -> str:
     """A short hash of the denoiser's config and a sample of its weights (tells random pipelines apart)."""
     h = hashlib.sha1()
@@ -710,6 +722,7 @@ def run(
             or type(pipe).__name__
         )
     settings = complete_settings(settings, pipe)
+    check_captions = is_embedded_model(model)  # the caption grammar is the embedded model's
     fingerprint = _fingerprint(pipe)
     run_device = str(getattr(pipe, "device", device or "cpu"))
     run_dtype = str(getattr(pipe, "dtype", dtype))
@@ -790,6 +803,7 @@ def run(
             "ssim": ssim(ref, g.video),
             "lpips": lp,
             "lpips_status": "skipped" if metric is None else metric.status,
+            "caption_ok": caption_ok(g.video, prompt) if check_captions else None,
             "attn_out_rel_l2": rep.get("attn_out_rel_l2"),
             "attn_lse_rel_l2": rep.get("attn_lse_rel_l2"),
             "density": rep.get("density"),
@@ -887,6 +901,7 @@ CSV_FIELDS = [
     "ssim",
     "lpips",
     "lpips_status",
+    "caption_ok",
     "attn_out_rel_l2",
     "attn_lse_rel_l2",
     "density",
@@ -946,6 +961,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "psnr",
                         "ssim",
                         "lpips",
+                        "caption_ok",
                         "attn_out_rel_l2",
                         "effective_density",
                         "attention_ms_per_step",
@@ -967,6 +983,7 @@ def format_table(summary: list[dict[str, Any]]) -> str:
         ("PSNR", "psnr", ".2f"),
         ("SSIM", "ssim", ".4f"),
         ("LPIPS", "lpips", ".4f"),
+        ("caption", "caption_ok", ".2f"),
         ("attn err", "attn_out_rel_l2", ".4f"),
         ("density", "effective_density", ".3f"),
         ("attn ms/step", "attention_ms_per_step", ".2f"),

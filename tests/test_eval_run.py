@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dit_sparse.eval.run import (
     DenseCache,
     MethodSpec,
+    caption_ok,
     format_table,
     parse_methods,
     read_prompts,
@@ -82,6 +84,20 @@ def test_summary_table_handles_inf_and_missing() -> None:
     assert "inf" in table and "n/a" in table and "31.00" in table
 
 
+def test_caption_ok_checks_the_embedded_grammar() -> None:
+    from dit_sparse.train.data import batch
+
+    videos, captions = batch(5, 2, 29, 64, 64, two_prob=0.0)
+    for video, caption in zip(videos, captions, strict=True):
+        frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        assert caption_ok(frames, caption) is True
+        opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+        assert caption_ok(frames, " ".join(opposite.get(w, w) for w in caption.split())) is False
+        assert caption_ok(frames, "a photo of a cat") is None
+    s = summarize([{"label": "m", "caption_ok": True}, {"label": "m", "caption_ok": False}])
+    assert s[0]["caption_ok"] == pytest.approx(0.5) and "0.50" in format_table(s)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():  # noqa: ANN201
     from dit_sparse.eval.testing import tiny_random_wan_pipeline
@@ -134,6 +150,7 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
     ):
         assert isinstance(win_row[key], float), key
     assert win_row["lpips_status"] == "ok" and win_row["attn_out_rel_l2"] > 0
+    assert win_row["caption_ok"] is None  # a random pipeline: the caption check is the embedded model's only
     assert win_row["video"].startswith("videos/")
     with (out / "results.csv").open() as f:
         assert [r["label"] for r in csv.DictReader(f)] == [dense_row["label"], win_row["label"]]
