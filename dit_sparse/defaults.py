@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
+def _embedded_model() -> Path:
+    """``dit_sparse/assets/tiny-t2v`` in an installed wheel, else the source tree's ``assets/tiny-t2v``."""
+    here = Path(__file__).resolve().parent
+    installed = here / "assets" / "tiny-t2v"
+    return installed if (installed / "model_index.json").is_file() else here.parent / "assets" / "tiny-t2v"
+
+
 #: The embedded model folder (Diffusers WanPipeline format), loaded with ``WanPipeline.from_pretrained``.
-MODEL_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-t2v"
+MODEL_PATH: Path = _embedded_model()
 #: Sampling steps of the UniPC flow scheduler.
 STEPS: int = 10
 #: Frames (4k+1); 61 frames at 128x128 give 16 x 16 x 16 = 4096 video tokens.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,17 @@ def test_model_folder(pipe) -> None:
     lat_t = (defaults.FRAMES - 1) // pipe.vae_scale_factor_temporal + 1
     lat_h, lat_w = defaults.HEIGHT // pipe.vae_scale_factor_spatial, defaults.WIDTH // pipe.vae_scale_factor_spatial
     assert (lat_t // p[0]) * (lat_h // p[1]) * (lat_w // p[2]) >= 4096
+
+
+def test_wheels_carry_the_whole_model_folder() -> None:
+    """pyproject installs assets/ as dit_sparse/assets: its package-data globs must match every model file."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parent.parent
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assets = root / cfg["package-dir"]["dit_sparse.assets"]
+    assert MODEL.parent.resolve() == assets.resolve()
+    packaged = {p for pattern in cfg["package-data"]["dit_sparse.assets"] for p in assets.glob(pattern) if p.is_file()}
+    assert packaged == {p for p in MODEL.rglob("*") if p.is_file()}
 
 
 def test_generate_short_video(pipe) -> None:
