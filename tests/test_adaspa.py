@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from host_sync import no_host_sync
-from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
+from tiny_dit import BUILDERS, applied, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.kernels import block_sparse_attention
@@ -185,12 +185,9 @@ def test_output_equals_reference_kernel_on_its_plan(text_where, dtype):
 # ------------------------------------------------------------------ end to end on the tiny test DiTs
 def test_tiny_wan_pipeline_with_cfg_steps():
     pipe = wan_pipeline()
-    dit_sparse.apply(pipe, "adaspa", block_size=16, sparsity=0.6, dense_steps=1, search_interval=2, min_seq_len=0)
-    try:
+    with applied(pipe, "adaspa", block_size=16, sparsity=0.6, dense_steps=1, search_interval=2, min_seq_len=0):
         latents = generate_latents(pipe, steps=4)
         rep = dit_sparse.report(pipe)
-    finally:
-        dit_sparse.remove(pipe)
     assert bool(torch.isfinite(latents).all())
     assert rep.steps == 4 and rep.cfg_passes == ["cond", "uncond"]
     assert rep.dense_calls == 2 * 2 and rep.sparse_calls == 3 * 2 * 2
@@ -200,12 +197,9 @@ def test_tiny_wan_pipeline_with_cfg_steps():
 
 def test_tiny_cogvideox_batched_cfg_prefix_text():
     model, inputs = BUILDERS["cogvideox"]()  # batch 2 (a batched CFG pass), prefix text
-    dit_sparse.apply(model, "adaspa", block_size=16, sparsity=0.5, dense_steps=0, min_seq_len=0)
-    try:
+    with applied(model, "adaspa", block_size=16, sparsity=0.5, dense_steps=0, min_seq_len=0):
         outs = [run(model, {**inputs, "timestep": inputs["timestep"] - 100 * i}) for i in range(3)]
         rep = dit_sparse.report(model)
-    finally:
-        dit_sparse.remove(model)
     assert rep.steps == 3 and rep.sparse_calls == 3 * 2 and rep.density < 1.0
     assert all(bool(torch.isfinite(o).all()) for o in outs)
 

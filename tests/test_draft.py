@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from host_sync import no_host_sync
-from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
+from tiny_dit import BUILDERS, applied, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.kernels import block_sparse_attention
@@ -156,13 +156,10 @@ def test_no_host_sync_when_planning():
 # ------------------------------------------------------------------ end to end on the tiny test DiTs
 def test_tiny_wan_pipeline_with_cfg_steps():
     pipe = wan_pipeline()  # 4 x 8 x 8 = 256 video tokens per call
-    dit_sparse.apply(pipe, "draft", pool=(4, 4), block_size=16, sparsity=0.5, dense_steps=1, dense_layers=0,
-                     min_seq_len=0)  # fmt: skip
-    try:
+    with applied(pipe, "draft", pool=(4, 4), block_size=16, sparsity=0.5, dense_steps=1, dense_layers=0,
+                 min_seq_len=0):  # fmt: skip
         latents = generate_latents(pipe, steps=3)
         rep = dit_sparse.report(pipe)
-    finally:
-        dit_sparse.remove(pipe)
     assert bool(torch.isfinite(latents).all())
     assert rep.steps == 3 and rep.cfg_passes == ["cond", "uncond"]
     assert rep.dense_calls == 2 * 2 and rep.sparse_calls == 2 * 2 * 2  # step 0 dense, then 2 layers x 2 passes
@@ -172,13 +169,10 @@ def test_tiny_wan_pipeline_with_cfg_steps():
 def test_tiny_cogvideox_batched_cfg_prefix_text():
     model, inputs = BUILDERS["cogvideox"]()  # batch 2 (a batched CFG pass), 16 text tokens then 128 video tokens
     ref = run(model, inputs)
-    dit_sparse.apply(model, "draft", pool=(4, 4), block_size=16, sparsity=0.5, dense_steps=0, dense_layers=0,
-                     min_seq_len=0)  # fmt: skip
-    try:
+    with applied(model, "draft", pool=(4, 4), block_size=16, sparsity=0.5, dense_steps=0, dense_layers=0,
+                 min_seq_len=0):  # fmt: skip
         outs = [run(model, {**inputs, "timestep": inputs["timestep"] - 100 * i}) for i in range(3)]
         rep = dit_sparse.report(model)
-    finally:
-        dit_sparse.remove(model)
     assert rep.steps == 3 and rep.sparse_calls == 3 * 2
     assert rep.density < 1.0
     assert all(bool(torch.isfinite(o).all()) for o in outs)

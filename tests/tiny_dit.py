@@ -3,7 +3,8 @@ so that sparse plans have several blocks) and their forward inputs. No downloads
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -168,3 +169,15 @@ def generate_latents(pipe: Any, steps: int = 2) -> torch.Tensor:
         height=128, width=128, num_frames=13, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
         generator=g,
     ).frames  # fmt: skip
+
+
+@contextlib.contextmanager
+def applied(target: Any, method: str, **params: Any) -> Iterator[None]:
+    """``dit_sparse.apply(target, method, **params)`` for the body of the ``with``, then ``dit_sparse.remove``."""
+    import dit_sparse
+
+    dit_sparse.apply(target, method, **params)
+    try:
+        yield
+    finally:
+        dit_sparse.remove(target)
