@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
     common = {"block_size": 4, "min_seq_len": 0}
     params = {"window": {"tile": (1, 2, 2)}}
     lp = LPIPS(model=lambda x, y: ((x - y) ** 2).mean(dim=(1, 2, 3)))  # a stand-in distance: the path is tested
-    rows = run(
+    run_all = partial(
+        run,
         tiny_pipe,
         methods,
         ["a red circle moving right"],
@@ -126,6 +128,7 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
         progress=False,
         **GEN,
     )
+    rows = run_all()
     assert len(rows) == 2
     for name in ("results.jsonl", "results.csv", "pareto.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -167,18 +170,7 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
 
     run_mod.generate = counting
     try:
-        again = run(
-            tiny_pipe,
-            methods,
-            ["a red circle moving right"],
-            [0],
-            out,
-            params=params,
-            common_params=common,
-            lpips=lp,
-            progress=False,
-            **GEN,
-        )
+        again = run_all()  # the same run again: every row is resumed, nothing generated
         assert calls == [] and len(again) == 2
         assert "resuming: 2 of 2 rows" in capsys.readouterr().out
         # a lost row is redone; its dense reference comes from the cache (dense is generated again only for timing)
