@@ -8,21 +8,25 @@ Run on the device (CUDA):
 
 For every shape (B=1, bf16, q/k/v handed as the BHND view of BNHD memory, as Diffusers does) and every plan (random
 block plans at the given densities, every row keeping its diagonal block, and a radial-like plan whose band narrows
-with frame distance) it reports the median time (``triton.testing.do_bench``, warm-up and autotuning excluded),
+with frame distance) it reports the median time (``triton.testing.do_bench``, warm-up and autotuning excluded; the
+timings compared with each other are taken in turn, ``--rounds`` times, and the median kept),
 the effective TFLOP/s ``4·B·H·N²·D·density / time`` (density = the plan's exact computed fraction), and the ratios
 to dense SDPA (the backend torch picks; cuDNN forced too) and to compiled FlexAttention on the same BlockMask.
-Also: the one-time plan preprocessing cost, and the cost of the token permutation (the same plan with a random
-``perm``, against the same plan without one, and against an ``index_select`` of q/k/v + inverse on the output).
+Also: the one-time plan preprocessing cost, and the cost of the token permutation: the same plan with the methods'
+permutations (position-major, draft's 1x8x16 tiles) and a random one, against the plan without one, both through the
+autotuned pick and through each strategy (rows gathered in the kernel; K and V gathered into copies, then TMA).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,15 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.layout import TokenLayout
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
-# (heads, seq_len, head_dim, frames): frames only shape the radial-like plan (Wan 480p/720p 81 frames, CogVideoX)
+# (heads, seq_len, head_dim, latent grid): the grid shapes the radial-like plan and the methods' permutations
+# (Wan 2.1 480p / 720p 81 frames: 21x30x52, 21x45x80; CogVideoX 480x720 49 frames: 13x30x45)
 SHAPES = {
-    "12x32760x128": (12, 32760, 128, 21),
-    "24x75600x128": (24, 75600, 128, 21),
-    "48x17550x64": (48, 17550, 64, 13),
+    "12x32760x128": (12, 32760, 128, (21, 30, 52)),
+    "24x75600x128": (24, 75600, 128, (21, 45, 80)),
+    "48x17550x64": (48, 17550, 64, (13, 30, 45)),
 }
-DRY_RUN_SHAPES = {"2x700x64": (2, 700, 64, 3)}  # CPU dry run of this script (TRITON_INTERPRET=1)
+DRY_RUN_SHAPES = {"2x700x64": (2, 700, 64, (7, 10, 10))}  # CPU dry run of this script (TRITON_INTERPRET=1)
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 BLOCK = 128
 
@@ -82,6 +88,17 @@ def bench(fn, warmup: int = 25, rep: int = 100) -> float:
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def bench_rounds(fns: dict, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of :func:`bench` for each function, the functions taken in turn within a round: the
+    GPU clock drifts over a long run (one config measured 33.8 and 38.8 ms minutes apart), so the numbers that are
+    compared with each other are measured side by side."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _sync() -> None:
@@ -166,25 +183,24 @@ def check_suite(dev: str = "cuda") -> list[dict]:
             except Exception as e:  # report, keep going
                 rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
                 print("ERROR", d, cfg, e, flush=True)
-    base = KernelConfig(128, 64, 4, 3)
-    tma = KernelConfig(128, 64, 4, 3, True)
+    configs = (
+        KernelConfig(128, 64, 4, 3),
+        KernelConfig(128, 64, 4, 3, True),
+    )  # pointer / TMA (+ K/V copies if permuted)
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
-        if True:
-            for cfg in (base, tma):
-                for perm, skip, kvlen, bcast, layout in [
-                    (False, False, False, False, "bhnd"),
-                    (True, False, False, False, "bnhd"),
-                    (False, True, True, False, "bnhd"),
-                    (True, True, True, True, "bnhd"),
-                    (False, False, True, True, "bhnd"),
-                ]:
-                    if cfg.tma and perm:
-                        continue
-                    try:
-                        one(2, 3, 777 if dev == "cuda" else 170, d, 128, dtype, perm, skip, kvlen, bcast, layout, cfg)
-                    except Exception as e:
-                        rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
-                        print("ERROR", e, flush=True)
+        for cfg in configs:
+            for perm, skip, kvlen, bcast, layout in [
+                (False, False, False, False, "bhnd"),
+                (True, False, False, False, "bnhd"),
+                (False, True, True, False, "bnhd"),
+                (True, True, True, True, "bnhd"),
+                (False, False, True, True, "bhnd"),
+            ]:
+                try:
+                    one(2, 3, 777 if dev == "cuda" else 170, d, 128, dtype, perm, skip, kvlen, bcast, layout, cfg)
+                except Exception as e:
+                    rows.append(dict(d=d, config=str(cfg), error=f"{type(e).__name__}: {e}"[:500], passed=False))
+                    print("ERROR", e, flush=True)
     try:  # float32 path and a small plan block (64)
         one(1, 2, 300, 64, 64, torch.float32, True, False, True, False, "bnhd", None)
     except Exception as e:
@@ -198,7 +214,9 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
     from dit_sparse.kernels import flex as flex_mod
     from dit_sparse.kernels import triton_attention as ta
 
-    heads, n, d, frames = {**SHAPES, **DRY_RUN_SHAPES}[name]
+    heads, n, d, grid = {**SHAPES, **DRY_RUN_SHAPES}[name]
+    layout = TokenLayout(*grid)
+    assert layout.seq_len == n, (grid, n)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -213,26 +231,23 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
 
     if dev == "cpu":
         args.no_flex = True
-    sdpa = {}
+    sdpa_fns = {}
     for label, backends in (
         ("auto", None),
         ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
         ("flash", [SDPBackend.FLASH_ATTENTION]),
     ):
+
+        def fn(backends=backends):
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v)
+
         try:
-            if backends is None:
-                fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            else:
-
-                def fn(backends=backends):
-                    with sdpa_kernel(backends):
-                        return F.scaled_dot_product_attention(q, k, v)
-
             fn()
-            sdpa[label] = bench(fn)
+            sdpa_fns[label] = fn
         except Exception as e:
-            sdpa[label] = None
             print(f"sdpa {label} failed: {e}", flush=True)
+    sdpa = {label: None for label in ("auto", "cudnn", "flash")} | bench_rounds(sdpa_fns, args.rounds)
     out["sdpa_ms"] = sdpa
     sdpa_ref = sdpa["auto"]
     print(f"\n== {name}: SDPA auto {sdpa['auto']} ms, cudnn {sdpa['cudnn']} ms, flash {sdpa['flash']} ms", flush=True)
@@ -240,7 +255,7 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
 
     plans = [(f"random-{x:g}", random_plan(heads, n, x, gen, dev)) for x in densities]
     if not args.no_radial:
-        plans.append(("radial", radial_plan(n, frames, dev)))
+        plans.append(("radial", radial_plan(n, layout.frames, dev)))
     for label, plan in plans:
         density = plan.density()
         flops = flops_dense * density
@@ -250,11 +265,11 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         o_t = block_sparse_attention(q, k, v, plan, backend="triton")
         _sync()
         row["triton_first_call_s"] = time.perf_counter() - t0
-        row["triton_ms"] = bench(lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton"))
-        row["triton_ms_lse"] = bench(
-            lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True)
-        )
         row["triton_config"] = str(ta.last_config())
+        fns = {
+            "triton_ms": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton"),
+            "triton_ms_lse": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True),
+        }
         # FlexAttention on the identical BlockMask (compiled)
         if not args.no_flex:
             try:
@@ -262,12 +277,13 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
                 o_f = block_sparse_attention(q, k, v, plan, backend="flex")
                 _sync()
                 row["flex_first_call_s"] = time.perf_counter() - t0
-                row["flex_ms"] = bench(lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="flex"))
                 row["rel_err_vs_flex"] = rel_err(o_t, o_f)
                 del o_f
+                fns["flex_ms"] = lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="flex")
             except Exception as e:
                 row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 print("flex failed:", row["flex_error"], flush=True)
+        row.update(bench_rounds(fns, args.rounds))
         if density >= 0.999:
             row["rel_err_vs_sdpa"] = rel_err(o_t, dense_out)
         row["triton_tflops"] = flops / row["triton_ms"] * 1e-9
@@ -283,44 +299,51 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         print(json.dumps(row), flush=True)
         flex_mod._block_masks.pop(plan, None)
 
-    # plan handling and permutation, at two densities
+    # plan handling and permutation: the methods' permutations (and a random one, the worst case) at two densities,
+    # through both strategies: rows gathered in the kernel, or K and V gathered into copies first (TMA loads)
+    perms = {
+        "random": torch.randperm(n, device=dev),
+        "position-major (rettention, svdit)": layout.tile_permutation((layout.frames, 1, 1), device=dev),
+        "tile 1x8x16 (draft)": layout.tile_permutation((1, 8, 16), device=dev),
+    }
     perm_rows = []
     for x in (0.25, 0.05):
         base = random_plan(heads, n, x, gen, dev)
-        perm = torch.randperm(n, device=dev)
-        permuted = BlockPlan(base.seq_len, base.block_q, base.block_kv, base.kv_num_blocks, base.kv_indices, perm=perm)
-        _sync()
-        t0 = time.perf_counter()
-        ta._prepare(permuted, heads)
-        _sync()
-        prep_ms = (time.perf_counter() - t0) * 1e3
         block_sparse_attention(q, k, v, base, backend="triton")
-        block_sparse_attention(q, k, v, permuted, backend="triton")
-        t_base = bench(lambda base=base: block_sparse_attention(q, k, v, base, backend="triton"))
-        t_perm = bench(lambda permuted=permuted: block_sparse_attention(q, k, v, permuted, backend="triton"))
-        inv = permuted.inv_perm
-
-        def gather_path(base=base, perm=perm, inv=inv):
-            qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
-            o = block_sparse_attention(qp, kp, vp, base, backend="triton")
-            return o.index_select(2, inv)
-
-        gather_path()
-        t_gather = bench(gather_path)
-        t_sel = bench(lambda perm=perm, inv=inv: [t.index_select(2, perm) for t in (q, k, v, q)])
-        # per-call host cost of the API on a cached plan: wall time of many launches with the GPU kept busy
-        r = dict(
-            density=x,
-            prep_ms_once=prep_ms,
-            triton_ms=t_base,
-            triton_perm_in_kernel_ms=t_perm,
-            perm_overhead_in_kernel=t_perm / t_base - 1,
-            triton_index_select_path_ms=t_gather,
-            index_select_overhead=t_gather / t_base - 1,
-            index_select_alone_ms=t_sel,
-        )
-        perm_rows.append(r)
-        print(json.dumps(r), flush=True)
+        for kind, perm in perms.items():
+            permuted = BlockPlan(
+                base.seq_len, base.block_q, base.block_kv, base.kv_num_blocks, base.kv_indices, perm=perm
+            )
+            _sync()
+            t0 = time.perf_counter()
+            ta._prepare(permuted, heads)
+            _sync()
+            prep_ms = (time.perf_counter() - t0) * 1e3
+            for key in [key for key in ta._best if key[6]]:  # tune for this permutation, as a method's first call does
+                del ta._best[key]
+            n_log = len(ta.tuning_log)
+            block_sparse_attention(q, k, v, permuted, backend="triton")
+            r = dict(perm=kind, density=x, prep_ms_once=prep_ms, auto_config=str(ta.last_config()))
+            fns = {  # the plan without the permutation is timed side by side with the permuted runs
+                "triton_ms": lambda base=base: block_sparse_attention(q, k, v, base, backend="triton"),
+                "auto_ms": lambda p=permuted: block_sparse_attention(q, k, v, p, backend="triton"),
+            }
+            tuned = [e for e in ta.tuning_log[n_log:] if "ms" in e]
+            for strategy, tma in (("gather", False), ("kv_copy", True)):
+                cands = [e for e in tuned if ("-tma" in e["config"]) == tma]
+                if cands:
+                    r[f"{strategy}_config"] = best = min(cands, key=lambda e: e["ms"])["config"]
+                    cfg = next(c for c in ta._fitted(d, dtype, BLOCK, BLOCK) if str(c) == best)
+                    fns[f"{strategy}_ms"] = lambda p=permuted, cfg=cfg: ta.triton_block_attention(
+                        q, k, v, p, d**-0.5, False, None, config=cfg
+                    )
+            fns["kv_copy_alone_ms"] = lambda perm=perm: [ta._gather_tokens(t, perm) for t in (k, v)]
+            r.update(bench_rounds(fns, args.rounds))
+            for strategy in ("auto", "gather", "kv_copy"):
+                if f"{strategy}_ms" in r:
+                    r[f"{strategy}_overhead"] = r[f"{strategy}_ms"] / r["triton_ms"] - 1
+            perm_rows.append(r)
+            print(json.dumps(r), flush=True)
     # host time per API call (plan cached): CPU wall time per call while the GPU queue is full
     small = random_plan(heads, n, 0.05, gen, dev)
     block_sparse_attention(q, k, v, small, backend="triton")
@@ -375,7 +398,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         f"- device: {results['device']}; torch {results['torch']}; triton {results['triton']}; python {results['python']}",
         f"- command: `{results['command']}`",
-        "- B=1, bf16, q/k/v = BHND views of BNHD memory; block 128; median of `triton.testing.do_bench`; "
+        "- B=1, bf16, q/k/v = BHND views of BNHD memory; block 128; median of `triton.testing.do_bench`, the "
+        f"timings compared with each other taken in turn, median of {results.get('rounds', 1)} rounds; "
         "effective TFLOP/s = 4·B·H·N²·D·density / time (density = exact computed fraction of the plan).",
         "",
     ]
@@ -401,17 +425,21 @@ def write_markdown(results: dict, path: Path) -> None:
         if ph:
             lines += [
                 "",
-                "Plan handling and permutation:",
+                "Permutation (the same random plan with the permutation; autotuned, and each strategy's best config):",
                 "",
-                "| density | prep once ms | kernel ms | perm in kernel ms (+%) | index_select path ms (+%) |",
-                "| --- | --- | --- | --- | --- |",
+                "| permutation | density | no perm ms | auto ms (+%) | auto config | gather in kernel ms (+%) | "
+                "K/V copy + TMA ms (+%) | K/V copy alone ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for r in ph["perm"]:
                 lines.append(
-                    f"| {r['density']} | {_f(r['prep_ms_once'])} | {_f(r['triton_ms'])} | "
-                    f"{_f(r['triton_perm_in_kernel_ms'])} ({100 * r['perm_overhead_in_kernel']:+.1f}%) | "
-                    f"{_f(r['triton_index_select_path_ms'])} ({100 * r['index_select_overhead']:+.1f}%) |"
+                    f"| {r['perm']} | {r['density']} | {_f(r['triton_ms'])} | {_f(r['auto_ms'])} "
+                    f"({100 * r['auto_overhead']:+.1f}%) | {r['auto_config']} | {_pct(r, 'gather')} | "
+                    f"{_pct(r, 'kv_copy')} | {_f(r['kv_copy_alone_ms'])} |"
                 )
+            lines.append(
+                f"\nPlan preprocessing, once per plan: {_f(max(r['prep_ms_once'] for r in ph['perm']))} ms at most"
+            )
             lines.append(
                 f"\nHost time per API call on a cached plan (upper bound): {ph['host_us_per_call_upper_bound']:.0f} µs"
             )
@@ -438,6 +466,12 @@ def _f(x, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
+def _pct(r: dict, strategy: str) -> str:
+    if f"{strategy}_ms" not in r:
+        return "-"
+    return f"{_f(r[strategy + '_ms'])} ({100 * r[strategy + '_overhead']:+.1f}%)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of HxNxD among " + ", ".join(SHAPES))
@@ -446,6 +480,7 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-radial", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="timings compared with each other: median of this many")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result file names")
     args = ap.parse_args()
@@ -464,6 +499,7 @@ def main() -> None:
         python=platform.python_version(),
         command="python " + " ".join(sys.argv),
         env={k: v for k, v in os.environ.items() if k.startswith("DIT_SPARSE")},
+        rounds=args.rounds,
         shapes=[],
     )
     out_dir = Path(args.out)

@@ -9,17 +9,19 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
   is allocated in BNHD memory and returned as the BHND view, so the processor's following permute + flatten is free.
 - **Loads.** Without a permutation, q/k/v tiles come through TMA tensor descriptors on Hopper (a 2-D row view of
   the tensor: row = token, ``stride(-2)`` elements per row), else through plain pointer loads. With a permutation,
-  rows are gathered in the kernel through ``perm`` (no permuted copies of q/k/v) and the output rows are scattered
-  back through ``perm``: the permutation costs no extra pass over memory.
+  q rows are gathered and output rows scattered through ``perm`` in the kernel (free: once per tile). K and V are
+  either gathered in the kernel too (pointer loads: Hopper's TMA cannot gather) or, for the TMA configurations,
+  gathered once into contiguous copies (one pass over K and V, their size in temporary memory) that TMA then reads;
+  the autotuner picks: the copy pays off on long rows (density >~ 0.25), the in-kernel gather on short ones.
 - **Tails.** Per plan (cached beside it), each key-block list is reordered so that the partial last key block, when
   listed, comes last: the main loop runs unmasked and only that one block is masked. ``kv_len`` (padded keys)
   masks every tile (a separate compiled variant). Query rows past ``N`` are never stored.
 - **Head modes.** HEAD_SKIP heads get an empty list (cached per plan): zero output, LSE ``-inf``. Rows whose every
   key is masked (``kv_len``) give 0 and ``-inf`` too.
 - **Autotune.** Block sizes that divide the plan's blocks, warps, stages, TMA on/off: timed once per key
-  (head dim, dtype, density band, size bucket, plan block sizes, permutation, kv_len, TMA-able layout) on the first
+  (head dim, dtype, density octave, size bucket, plan block sizes, permutation, kv_len, TMA-able layout) on the first
   call and cached in-process (``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
-  The density band needs one device->host read per new plan (cached with the plan; never per call), none when
+  The density octave needs one device->host read per new plan (cached with the plan; never per call), none when
   the plan carries a host-side ``density_hint`` (dynamic methods, whose plans are new every call).
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
   bf16/fp16 for speed.
@@ -27,7 +29,9 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -93,7 +97,7 @@ def _load_kv(
     skn,
     svn,
     TAIL: tl.constexpr,
-    HAS_PERM: tl.constexpr,
+    GATHER: tl.constexpr,
     USE_TMA: tl.constexpr,
     OFF64: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -105,7 +109,7 @@ def _load_kv(
         v = desc_v.load([row0_v + start, col0_v])
     else:
         ok = rows < N
-        if HAS_PERM:
+        if GATHER:
             if TAIL:
                 rows = tl.load(PERM + rows, mask=ok, other=0)
             else:
@@ -115,7 +119,7 @@ def _load_kv(
         if TAIL:
             k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(V + v_base + rows[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
-        elif HAS_PERM:
+        elif GATHER:
             k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :])
             v = tl.load(V + v_base + rows[:, None] * svn + offs_d[None, :])
         else:
@@ -190,6 +194,7 @@ def _block_sparse_fwd(
     PLAN_BKV: tl.constexpr,
     EVEN_N: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    KV_GATHER: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
     RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -229,7 +234,7 @@ def _block_sparse_fwd(
     row0_v = (v_base // v_rows_per_row).to(tl.int32)
     col0_v = (v_base % v_rows_per_row).to(tl.int32)
 
-    if USE_TMA:
+    if USE_TMA and not HAS_PERM:
         q = desc_q.load([row0_q + pid_m * BLOCK_M, col0_q])
     else:
         q = tl.load(Q + q_base + q_rows[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -252,7 +257,7 @@ def _block_sparse_fwd(
         kb = tl.load(idx_ptr + j // KV_SUB)
         start = kb * PLAN_BKV + (j % KV_SUB) * BLOCK_N
         k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
-                        offs_n, offs_d, N, skn, svn, False, HAS_PERM, USE_TMA, OFF64, UPCAST)  # fmt: skip
+                        offs_n, offs_d, N, skn, svn, False, KV_GATHER, USE_TMA, OFF64, UPCAST)  # fmt: skip
         keep = offs_n[None, :] >= 0
         if HAS_KVLEN:
             keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
@@ -264,7 +269,7 @@ def _block_sparse_fwd(
             for t in tl.range(0, tl.cdiv(N - tail0, BLOCK_N), num_stages=1):
                 start = tail0 + t * BLOCK_N
                 k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
-                                offs_n, offs_d, N, skn, svn, True, HAS_PERM, False, OFF64, UPCAST)  # fmt: skip
+                                offs_n, offs_d, N, skn, svn, True, KV_GATHER, False, OFF64, UPCAST)  # fmt: skip
                 keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, IEEE)
 
@@ -321,9 +326,11 @@ def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
     return prep
 
 
-def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> str:
-    """'sparse' (< 0.15 of key blocks), 'mid' or 'dense' (> 0.6): the plan's host-side ``density_hint`` when it has
-    one (dynamic plans, rebuilt every call: no sync), else one host read per plan, then cached."""
+def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> int:
+    """The octave of the fraction of key blocks listed: 0 (dense, > 0.71), 1 (~1/2), ... 5 (~1/32 and sparser). Short
+    rows want shallower pipelines (3 stages beat 4 by 10-20% at 0.05 on the H100, not at 0.25). From the plan's
+    host-side ``density_hint`` when it has one (dynamic plans, rebuilt every call: no sync), else one host read per
+    plan, then cached."""
     if prep.density is None:
         if plan.density_hint is not None:
             d = plan.density_hint
@@ -332,7 +339,7 @@ def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> str:
         prep = _Prepared(prep.kv_num, prep.kv_idx, prep.perm, d)
         _prepared[plan][heads] = prep
     d = prep.density
-    return "sparse" if d < 0.15 else ("mid" if d <= 0.6 else "dense")
+    return min(5, max(0, round(-math.log2(max(d, 1e-6)))))
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -344,7 +351,7 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False
+    tma: bool = False  # K/V tiles through TMA; a permuted plan then gathers K and V once into copies first
 
     def __str__(self) -> str:
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}"
@@ -370,14 +377,18 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[KernelConfig]:
             KernelConfig(128, 64, 4, 2),
             KernelConfig(128, 128, 8, 3),
         ]
-    forced = os.environ.get("DIT_SPARSE_TRITON_CONFIGS")  # e.g. "m128n128w8s2-tma,m128n64w4s3"
+    tma = [dataclasses.replace(c, tma=True) for c in base]
+    default = base + tma
+    forced = os.environ.get("DIT_SPARSE_TRITON_CONFIGS")  # e.g. "m128n128w8s3-tma,m128n64w4s3"
     if forced:
         names = set(forced.split(","))
-        all_cfgs = base + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base]
-        picked = [c for c in all_cfgs if str(c) in names]
-        if picked:
-            return picked
-    return base + [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base]
+        picked = [c for c in default if str(c) in names]
+        if len(picked) != len(names):
+            raise ValueError(
+                f"DIT_SPARSE_TRITON_CONFIGS={forced!r} names unknown configs; choose among {[str(c) for c in default]}"
+            )
+        return picked
+    return default
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -393,7 +404,7 @@ def _fit(cfg: KernelConfig, block_q: int, block_kv: int) -> KernelConfig | None:
     bn = _largest_pow2_divisor(block_kv, cfg.block_n)
     if bm < 16 or bn < 16:
         return None
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.tma)
+    return dataclasses.replace(cfg, block_m=bm, block_n=bn)
 
 
 @functools.cache
@@ -448,6 +459,14 @@ def _make_desc(t: torch.Tensor, row_width: int, rows: int, d: int) -> TensorDesc
     return TensorDescriptor(base, [total_rows, row_width], [row_width, 1], [rows, d])
 
 
+def _gather_tokens(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``t[:, :, perm]`` as a new tensor, gathered along the token axis in t's memory order: a BNHD layout copies whole
+    token rows (H·D elements) at a time."""
+    if t.stride(2) >= t.stride(1):
+        return t.transpose(1, 2).index_select(1, perm).transpose(1, 2)
+    return t.index_select(2, perm)
+
+
 # ------------------------------------------------------------------------------------------------------- launch
 def _launch(
     q: torch.Tensor,
@@ -462,16 +481,16 @@ def _launch(
     cfg: KernelConfig,
 ) -> None:
     b, h, n, d = q.shape
-    widths = None
-    use_tma = cfg.tma and plan.perm is None
+    has_perm = prep.perm is not None
+    if has_perm and cfg.tma:  # gather K and V once (a contiguous copy each) so that their tiles can come through TMA
+        k, v = _gather_tokens(k, prep.perm), _gather_tokens(v, prep.perm)
+    widths = [_tma_row_view(t) for t in (q, k, v)] if cfg.tma else [None] * 3
+    use_tma = cfg.tma and None not in widths[1:] and (has_perm or widths[0] is not None)
     if use_tma:
-        widths = [_tma_row_view(t) for t in (q, k, v)]
-        if any(w is None for w in widths):
-            use_tma = False
-    if use_tma:
-        desc_q = _make_desc(q, widths[0], cfg.block_m, d)
+        desc_q = None if has_perm else _make_desc(q, widths[0], cfg.block_m, d)
         desc_k = _make_desc(k, widths[1], cfg.block_n, d)
         desc_v = _make_desc(v, widths[2], cfg.block_n, d)
+        widths = [w or 1 for w in widths]
     else:
         desc_q = desc_k = desc_v = None
         widths = [1, 1, 1]
@@ -529,7 +548,8 @@ def _launch(
         KV_SUB=plan.block_kv // cfg.block_n,
         PLAN_BKV=plan.block_kv,
         EVEN_N=(n % plan.block_kv == 0),
-        HAS_PERM=prep.perm is not None,
+        HAS_PERM=has_perm,
+        KV_GATHER=has_perm and not cfg.tma,
         HAS_KVLEN=kv_len is not None,
         RETURN_LSE=lse is not None,
         USE_TMA=use_tma,
@@ -546,11 +566,9 @@ tuning_log: list[dict] = []  # what the autotuner timed (read by benchmarks/kern
 
 
 @functools.lru_cache(maxsize=64)
-def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int, perm: bool) -> tuple[KernelConfig, ...]:
+def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int) -> tuple[KernelConfig, ...]:
     fitted: list[KernelConfig] = []
     for c in candidate_configs(d, dtype):
-        if perm and c.tma:  # no TMA gather on Hopper: permuted plans load rows through pointers
-            continue
         f = _fit(c, block_q, block_kv)
         if f is not None and f not in fitted:
             fitted.append(f)
@@ -559,7 +577,7 @@ def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int, perm: bool)
 
 def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConfig:
     b, h, n, d = q.shape
-    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv, plan.perm is not None)
+    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv)
     if not fitted:
         raise ValueError(
             f"backend='triton' needs block sizes with a power-of-two factor >= 16 (got block_q={plan.block_q}, "
@@ -585,8 +603,8 @@ def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConf
             try:
                 ms = triton.testing.do_bench(
                     lambda cfg=cfg: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg),
-                    warmup=5,
-                    rep=20,
+                    warmup=10,
+                    rep=50,
                     return_mode="median",
                 )
             except Exception as e:  # a config that does not compile or fit in shared memory is skipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -79,6 +80,17 @@ def test_triton_matches_reference(b, h, n, d, block, dtype, perm, skip, kvlen, b
         assert (out[:, 1] == 0).all() and (lse[:, 1] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("perm", [False, True])
+def test_tma_configs_match_reference(perm):
+    """A TMA configuration off Hopper (its loads fall back to pointers, the rest of its path is kept): with a permuted
+    plan, K and V are gathered into copies first and the kernel reads them in plan order."""
+    n, block = 150, 32
+    plan = _plan(2, 3, n, block, seed=7, perm=perm, skip=True)
+    q, k, v = _qkv(2, 3, n, 32, torch.float16, seed=8)
+    _compare(q, k, v, plan, torch.tensor([n, n - 37]), config=KernelConfig(32, 32, 4, 1, tma=True))
+    _compare(q, k, v, plan, config=KernelConfig(32, 32, 4, 1, tma=True))
+
+
 def test_front_door_and_tile_smaller_than_plan_block():
     """Through block_sparse_attention(backend='triton'), and with tiles that split each plan block in two."""
     n, block = 130, 64
@@ -127,3 +139,20 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     q, k, v = _qkv(1, 1, 32, 16, torch.float16, seed=0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         block_sparse_attention(q, k, v, BlockPlan.full(32, 16), backend="triton")
+
+
+def test_forced_configs_and_density_octaves(monkeypatch):
+    from dit_sparse.kernels import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_INTERPRET", False)
+    monkeypatch.setenv("DIT_SPARSE_TRITON_CONFIGS", "m128n64w4s3-tma")
+    assert ta.candidate_configs(128, torch.bfloat16) == [KernelConfig(128, 64, 4, 3, tma=True)]
+    monkeypatch.setenv("DIT_SPARSE_TRITON_CONFIGS", "m128n64w4s3-tma,m999")
+    with pytest.raises(ValueError, match="unknown configs; choose among"):
+        ta.candidate_configs(128, torch.bfloat16)
+    # the autotune key's density octave: plans an octave apart are tuned apart (short rows want shallower pipelines)
+    octaves = []
+    for hint in (1.0, 0.5, 0.25, 0.1, 0.05, 0.001):
+        plan = dataclasses.replace(_plan(1, 2, 256, 32, seed=0), density_hint=hint)
+        octaves.append(ta._density_band(plan, 2, ta._prepare(plan, 2)))
+    assert octaves == [0, 1, 2, 3, 4, 5]
