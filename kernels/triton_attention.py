@@ -326,7 +326,7 @@ def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
     return prep
 
 
-def _density_band(plan: BlockPlan, heads: int, prep: _Prepared) -> int:
+def _density_octave(plan: BlockPlan, heads: int, prep: _Prepared) -> int:
     """The octave of the fraction of key blocks listed: 0 (dense, > 0.71), 1 (~1/2), ... 5 (~1/32 and sparser). Short
     rows want shallower pipelines (3 stages beat 4 by 10-20% at 0.05 on the H100, not at 0.25). From the plan's
     host-side ``density_hint`` when it has one (dynamic plans, rebuilt every call: no sync), else one host read per
@@ -589,7 +589,7 @@ def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConf
     key = (
         d,
         q.dtype,
-        _density_band(plan, h, prep),
+        _density_octave(plan, h, prep),
         (b * h * n).bit_length() // 2,
         plan.block_q,
         plan.block_kv,

@@ -89,16 +89,16 @@ def test_density_hint_spares_the_kernel_a_host_read():
     """The Triton backend's autotune band reads a plan's density once per plan: a dynamic plan (new every call)
     carries a host-side hint instead."""
     pytest.importorskip("triton")
-    from dit_sparse.kernels.triton_attention import _density_band, _prepare
+    from dit_sparse.kernels.triton_attention import _density_octave, _prepare
     from dit_sparse.plan import BlockPlan
 
     mask = (_randn(1, 2, 5, 5) > 0) | torch.eye(5, dtype=torch.bool)
     hinted = BlockPlan.from_block_mask(mask, 37, 8, density_hint=0.3)
     with no_host_sync():
-        assert _density_band(hinted, 2, _prepare(hinted, 2)) == 2  # octave of 0.3
+        assert _density_octave(hinted, 2, _prepare(hinted, 2)) == 2  # octave of 0.3
     plain = BlockPlan.from_block_mask(mask, 37, 8)
     with pytest.raises(HostSyncError), no_host_sync():
-        _density_band(plain, 2, _prepare(plain, 2))
+        _density_octave(plain, 2, _prepare(plain, 2))
     assert BlockPlan.full(37, 8).density_hint == 1.0
     with pytest.raises(ValueError, match="density_hint"):
         BlockPlan.from_block_mask(mask, 37, 8, density_hint=1.5)

@@ -154,5 +154,5 @@ def test_forced_configs_and_density_octaves(monkeypatch):
     octaves = []
     for hint in (1.0, 0.5, 0.25, 0.1, 0.05, 0.001):
         plan = dataclasses.replace(_plan(1, 2, 256, 32, seed=0), density_hint=hint)
-        octaves.append(ta._density_band(plan, 2, ta._prepare(plan, 2)))
+        octaves.append(ta._density_octave(plan, 2, ta._prepare(plan, 2)))
     assert octaves == [0, 1, 2, 3, 4, 5]
