@@ -144,6 +144,13 @@ class SparseReport:
     attn_error: dict[str, float] = field(default_factory=dict)
     generations: int = 0
 
+    @property
+    def effective_density(self) -> float:
+        """Fraction of dense self-attention work done over every call, dense-by-policy calls counting 1."""
+        if not self.calls:
+            return 1.0
+        return (self.density * self.sparse_calls + self.dense_calls) / self.calls
+
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         fwd = sum(self.transformer_ms)

@@ -562,7 +562,7 @@ def run(
                     rep = dit_sparse.report(model, reset=True)
                 finally:
                     dit_sparse.remove(model)
-                density = (rep.density * rep.sparse_calls + rep.dense_calls) / max(1, rep.calls)
+                density = rep.effective_density
                 limit = 1.0 / ((1.0 - share) + share * density)
                 forward_ms = statistics.median(ms) if cycle == 1 else statistics.mean(ms)
                 speedup = dense / forward_ms

@@ -16,6 +16,22 @@ ADAPTERS: dict[str, ModelAdapter] = {
 }
 
 
+TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+"""The pipeline components that hold denoising transformers (Wan 2.2 A14B has two experts)."""
+
+
+def pipeline_transformers(obj: object) -> list[tuple[str, nn.Module]]:
+    """(component name, transformer) pairs of a pipeline (``transformer``, ``transformer_2``), or
+    ``[("transformer", obj)]`` for a transformer given alone; a clear error for anything else."""
+    if isinstance(obj, nn.Module):
+        return [("transformer", obj)]
+    found = [(attr, getattr(obj, attr, None)) for attr in TRANSFORMER_ATTRS]
+    found = [(attr, m) for attr, m in found if isinstance(m, nn.Module)]
+    if not found:
+        raise TypeError(f"{type(obj).__name__} is neither a transformer nor a pipeline with a `transformer` component")
+    return found
+
+
 def supported_models() -> list[str]:
     """Class names of the supported Diffusers transformers."""
     return sorted(ADAPTERS)
@@ -46,8 +62,10 @@ __all__ = [
     "LTXAdapter",
     "MochiAdapter",
     "ModelAdapter",
+    "TRANSFORMER_ATTRS",
     "WanAdapter",
     "adapter_for",
     "find_adapter",
+    "pipeline_transformers",
     "supported_models",
 ]
