@@ -36,6 +36,8 @@ class StepContext:
         layer_index: index of this self-attention module among the transformer's self-attention modules.
         layout: the TokenLayout of the call.
         cache: this (layer, cfg_pass)'s own dict for plans, LSE, softmax statistics, ...; cleared on a new generation.
+        transformer: the pipeline component the layer belongs to (``"transformer"``, or ``"transformer_2"`` for Wan
+            2.2's second expert): a layer is identified by ``(transformer, layer_index)``.
     """
 
     step: int
@@ -45,6 +47,12 @@ class StepContext:
     layer_index: int
     layout: TokenLayout
     cache: dict[str, Any] = field(default_factory=dict)
+    transformer: str = "transformer"
+
+    @property
+    def layer_key(self) -> tuple[str, int]:
+        """``(transformer, layer_index)``: what identifies a layer across a pipeline's transformers."""
+        return (self.transformer, self.layer_index)
 
 
 # --------------------------------------------------------------------------------------------------------------
