@@ -3,44 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from dit_sparse.pipelines import adapter_for, find_adapter
+from dit_sparse.finder import FINDER
+from dit_sparse.methods import MethodConfig
+from dit_sparse.pipelines import ModelAdapter, adapter_for, find_adapter, pipeline_transformers
 from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor, clear_binding
-from dit_sparse.state import GlobalHooks, Tracker, TransformerStats, get_tracker
-
-_TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+from dit_sparse.state import Tracker, TransformerStats, get_tracker
 
 
-@dataclass
-class _Applied:
-    processor: SparseProcessor
-    originals: dict[nn.Module, Any]
-
-
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, _Applied] = weakref.WeakKeyDictionary()
-
-
-def _transformers(obj: Any) -> list[tuple[str, nn.Module]]:
-    """(prefix for layer names, transformer) pairs of a pipeline (``transformer``, ``transformer_2``) or a model."""
-    if isinstance(obj, nn.Module):
-        return [("", obj)]
-    found = [(attr, getattr(obj, attr, None)) for attr in _TRANSFORMER_ATTRS]
-    found = [(attr, m) for attr, m in found if isinstance(m, nn.Module)]
-    if not found:
-        raise TypeError(f"{type(obj).__name__} is neither a transformer nor a pipeline with a `transformer` component")
-    if len(found) == 1:
-        return [("", found[0][1])]
-    return [(f"{attr}.", m) for attr, m in found]
+def _layer_prefixes(obj: Any) -> list[tuple[str, str, nn.Module]]:
+    """(component, prefix of its layer names in reports, transformer): no prefix when there is one transformer."""
+    found = pipeline_transformers(obj)
+    return [(name, f"{name}." if len(found) > 1 else "", model) for name, model in found]
 
 
 def apply(
     pipe_or_transformer: Any,
-    method: str = DEFAULT_METHOD,
+    method: str | MethodConfig = DEFAULT_METHOD,
     *,
     backend: str = "auto",
     error_sample: int = 0,
@@ -50,63 +33,81 @@ def apply(
 
     Args:
         pipe_or_transformer: a Diffusers pipeline (its ``transformer`` and ``transformer_2``) or a transformer.
-        method: a registered method name (``dit_sparse.available_methods()``).
+        method: a registered method name (``dit_sparse.available_methods()``) or a method's config
+            (``RadialConfig(decay=0.2)``).
         backend: kernel backend (``auto``, ``triton``, ``flex``, ``reference``).
         error_sample: every n-th self-attention layer also runs exact attention and records the error (0: off).
-        **params: the method's hyper-parameters.
+        **params: the method's hyper-parameters (with a method name).
 
-    Applying again replaces the previous application (the originals stay the model's own processors).
+    Applying again replaces the previous application (the originals stay the model's own processors). Given a
+    pipeline, the dense warm-up follows its scheduler's step count (:class:`~dit_sparse.methods.MethodConfig`).
 
     ``torch.compile``: apply, then compile (``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
     ``torch.compile(transformer)``); each self-attention call is a graph break that runs the method eagerly, nothing
     recompiles per step (see :mod:`dit_sparse.processor`).
     """
-    models = _transformers(pipe_or_transformer)
+    models = pipeline_transformers(pipe_or_transformer)
     adapters = [adapter_for(model) for _, model in models]  # unsupported class: error before any change
-    processor = SparseProcessor(method, backend=backend, error_sample=error_sample, **params)
-    for (_, model), adapter in zip(models, adapters, strict=True):
-        if model in _APPLIED:
+    processor = SparseProcessor.for_tracked(method, backend=backend, error_sample=error_sample, **params)
+    pipe = None if isinstance(pipe_or_transformer, nn.Module) else pipe_or_transformer
+    for (component, model), adapter in zip(models, adapters, strict=True):
+        if get_tracker(model) is not None:
             _remove_one(model)
         modules = adapter.self_attention_modules(model)
         if not modules:
             raise ValueError(f"found no self-attention module in this {type(model).__name__}")
-        Tracker.attach(model, adapter)
-        originals: dict[nn.Module, Any] = {}
+        tracker = Tracker.attach(model, adapter, component, pipe)
+        originals: dict[str, Any] = {}
         for name, module in modules:
             original = module.processor
             native = original.native_of(module) if isinstance(original, SparseProcessor) else original
             processor.bind(module, native if native is not None else adapter.native_processor(name, module))
-            originals[module] = original
+            originals[name] = original
             adapter.set_processor(module, processor)
-        _APPLIED[model] = _Applied(processor, originals)
+        tracker.adopt(processor, applied=True, originals=originals)
     return pipe_or_transformer
 
 
-def _remove_one(model: nn.Module) -> None:
-    applied = _APPLIED.pop(model, None)
-    adapter = find_adapter(model)
-    if applied is not None:
-        for module, original in applied.originals.items():
-            adapter.set_processor(module, original)
-            clear_binding(module)
-    # processors set the Diffusers way (set_attn_processor(SparseProcessor(...))): back to native ones
+def _native_for(module: nn.Module, name: str, proc: SparseProcessor, adapter: Any) -> Any:
+    """The processor to give back to a module that holds a SparseProcessor set the Diffusers way."""
+    native = proc.native_of(module)
+    if native is not None:
+        return native
     if adapter is not None:
-        for name, module in adapter.attention_modules(model):
-            proc = module.processor
-            if isinstance(proc, SparseProcessor):
-                native = proc.native_of(module)
-                adapter.set_processor(module, native if native is not None else adapter.native_processor(name, module))
-            clear_binding(module)
+        return adapter.native_processor(name, module)
+    cls = getattr(type(module), "_default_processor_cls", None)
+    if cls is None:
+        raise TypeError(
+            f"dit_sparse cannot tell the native processor of {name!r} ({type(module).__name__}); set it back yourself "
+            "with set_attn_processor(...)"
+        )
+    return cls()
+
+
+def _remove_one(model: nn.Module) -> None:
     tracker = get_tracker(model)
+    adapter = find_adapter(model)
+    if tracker is not None and tracker.applied:
+        for name, original in tracker.originals.items():
+            module = model.get_submodule(name)
+            ModelAdapter.set_processor(module, original)
+            clear_binding(module)
+    # processors set the Diffusers way (set_attn_processor(SparseProcessor(...))), also on unsupported models
+    for name, module in model.named_modules():
+        proc = getattr(module, "processor", None)
+        if isinstance(proc, SparseProcessor):
+            FINDER.stop_waiting(proc)
+            ModelAdapter.set_processor(module, _native_for(module, name, proc, adapter))
+        clear_binding(module)
     if tracker is not None:
         tracker.detach()
 
 
 def remove(pipe_or_transformer: Any) -> Any:
-    """Undo :func:`apply`: the original processor objects are back and the hooks are gone (bit-exact outputs)."""
-    for _, model in _transformers(pipe_or_transformer):
+    """Undo :func:`apply` (or ``set_attn_processor(SparseProcessor())``): the original processor objects are back
+    (the native ones the Diffusers way) and the hooks are gone (bit-exact outputs)."""
+    for _, model in pipeline_transformers(pipe_or_transformer):
         _remove_one(model)
-    GlobalHooks.sweep()  # the global first-sighting hooks, if no SparseProcessor is left
     return pipe_or_transformer
 
 
@@ -119,7 +120,10 @@ class SparseReport:
         calls: self-attention calls seen (``sparse_calls + dense_calls``).
         sparse_calls: calls through the method and the block-sparse kernel.
         dense_calls: calls left to the model's own SDPA by policy (dense steps / layers, short sequences).
-        density: token-weighted mean fraction of the attention matrix computed over the sparse calls.
+        density: token-weighted mean fraction of the attention matrix computed for the sparse calls' outputs (at
+            most 1: a fraction of dense work).
+        aux_density: work done besides the outputs, in the same unit (Re-ttention's sparse pass on refresh steps,
+            whose statistics serve the next steps); 0 for most methods.
         steps: denoising steps seen (summed over generations and transformers).
         cfg_passes: CFG pass names seen (``cond``, ``uncond``, ``cond_uncond``, ``pass<i>``).
         attention_ms: total time in self-attention calls (CUDA events on GPU, wall clock on CPU).
@@ -128,6 +132,8 @@ class SparseReport:
             ``attention_ms`` and, when measured, ``out_rel_l2`` / ``lse_rel_l2``.
         attn_error: mean relative L2 error of the output and the LSE over sampled calls (empty: not measured).
         generations: generations (pipeline calls) seen.
+        dense_steps: the dense warm-up steps of the last generation (the method's, scaled to ``num_steps``).
+        num_steps: the pipeline's step count in the last generation (None: unknown, the warm-up is unscaled).
     """
 
     method: str
@@ -143,6 +149,9 @@ class SparseReport:
     per_layer: dict[str, dict[str, Any]] = field(default_factory=dict)
     attn_error: dict[str, float] = field(default_factory=dict)
     generations: int = 0
+    aux_density: float = 0.0
+    dense_steps: int | None = None
+    num_steps: int | None = None
 
     @property
     def effective_density(self) -> float:
@@ -160,6 +169,11 @@ class SparseReport:
             f"steps {self.steps}, generations {self.generations}, cfg passes {', '.join(self.cfg_passes) or '-'}",
             f"  attention {self.attention_ms:.1f} ms of {fwd:.1f} ms in {len(self.transformer_ms)} transformer forwards",
         ]
+        if self.dense_steps is not None:
+            of = f"{self.num_steps} steps" if self.num_steps is not None else "an unknown step count: unscaled"
+            lines.append(f"  dense warm-up: {self.dense_steps} steps of {of}")
+        if self.aux_density:
+            lines.append(f"  work besides the outputs (statistics for later steps): +{self.aux_density:.3f} of dense")
         if self.attn_error:
             lines.append(
                 f"  error vs dense: out rel-L2 {self.attn_error['out_rel_l2']:.2e}, "
@@ -178,41 +192,39 @@ class SparseReport:
 
 def report(pipe_or_transformer: Any, reset: bool = False) -> SparseReport:
     """Statistics of the sparse attention of a pipeline or transformer; ``reset=True`` starts the counters anew."""
-    trackers = []
-    for prefix, model in _transformers(pipe_or_transformer):
-        tracker = get_tracker(model)
-        if tracker is not None:
-            trackers.append((prefix, model, tracker))
+    trackers = [
+        (prefix, tracker)
+        for _, prefix, model in _layer_prefixes(pipe_or_transformer)
+        if (tracker := get_tracker(model)) is not None
+    ]
     if not trackers:
         raise RuntimeError(
             "dit_sparse is not active on this object: call dit_sparse.apply(...) (or set a SparseProcessor and run "
             "the transformer once) before dit_sparse.report(...)"
         )
-    method, params = "", {}
-    for _, model, tracker in trackers:
-        if tracker.stats.methods:
-            method, params = next(iter(tracker.stats.methods.items()))
-            break
-        if model in _APPLIED:
-            described = _APPLIED[model].processor.method.describe()
-            method, params = described["method"], described
-            break
+    methods = {m: d for _, t in trackers for m, d in t.stats.methods.items()}
+    if not methods:
+        described = next(t.processor.method.describe() for _, t in trackers if t.processor is not None)
+        methods = {described["method"]: described}
+    method, params = next(iter(methods.items()))
     params = {k: v for k, v in params.items() if k != "method"}
-    if len({m for _, _, t in trackers for m in t.stats.methods}) > 1:
-        method = "+".join(sorted({m for _, _, t in trackers for m in t.stats.methods}))
+    if len(methods) > 1:
+        method = "+".join(sorted(methods))
     rep = SparseReport(method=method, params=params)
-    dens_sum, dens_tokens, out_errs, lse_errs = 0.0, 0, [], []
-    for prefix, _, tracker in trackers:
+    dens_sum, aux_sum, dens_tokens, out_errs, lse_errs = 0.0, 0.0, 0, [], []
+    for prefix, tracker in trackers:
         stats = tracker.stats
         rep.steps += stats.steps
         rep.generations += stats.generations
         rep.cfg_passes += [p for p in stats.passes if p not in rep.cfg_passes]
         rep.transformer_ms += stats.forward_timer.values()
+        if stats.dense_steps is not None:
+            rep.dense_steps, rep.num_steps = stats.dense_steps, stats.num_steps
         for name, layer in stats.layers.items():
             ms = layer.timer.total()
-            density = float(layer.density_sum) / layer.tokens if layer.tokens else 1.0
             row: dict[str, Any] = {
-                "density": density,
+                "density": float(layer.density_sum) / layer.tokens if layer.tokens else 1.0,
+                "aux_density": float(layer.aux_sum) / layer.tokens if layer.tokens else 0.0,
                 "calls": layer.calls,
                 "sparse_calls": layer.sparse_calls,
                 "dense_calls": layer.dense_calls,
@@ -231,10 +243,12 @@ def report(pipe_or_transformer: Any, reset: bool = False) -> SparseReport:
             rep.attention_ms += ms
             if layer.tokens:
                 dens_sum += float(layer.density_sum)
+                aux_sum += float(layer.aux_sum)
                 dens_tokens += layer.tokens
         if reset:
             tracker.stats = dataclasses.replace(TransformerStats(), methods=dict(stats.methods))
     rep.density = dens_sum / dens_tokens if dens_tokens else 1.0
+    rep.aux_density = aux_sum / dens_tokens if dens_tokens else 0.0
     if out_errs:
         rep.attn_error["out_rel_l2"] = sum(out_errs) / len(out_errs)
     if lse_errs:

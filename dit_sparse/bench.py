@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dit_sparse.state import Timer
+from dit_sparse.timing import Timer
 
 Shape = tuple[int, int, int]  # (frames, height, width) in pixels
 MakeInputs = Callable[[Any, Shape, torch.device, torch.dtype], tuple[dict[str, Any], int]]

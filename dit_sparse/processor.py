@@ -29,19 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dit_sparse.finder import FINDER
 from dit_sparse.kernels.api import BACKENDS, block_sparse_attention
 from dit_sparse.layout import TokenLayout
-from dit_sparse.methods import get_method
+from dit_sparse.methods import MethodConfig, get_method
 from dit_sparse.plan import BlockPlan
-from dit_sparse.state import (
-    Frame,
-    GlobalHooks,
-    LayerStats,
-    StepContext,
-    Timer,
-    current_frame,
-    resolve_frame,
-)
+from dit_sparse.state import SITE_ATTR, Frame, LayerStats, StepContext, in_backward
+from dit_sparse.timing import Timer
 
 DEFAULT_METHOD = "radial"
 """The method ``SparseProcessor()`` and ``dit_sparse.apply(pipe)`` use when none is named."""
@@ -126,7 +120,8 @@ class SparseProcessor:
     its state is keyed by the module it is called with. Cross-attention and text-only attention pass through.
 
     Args:
-        method: registered method name (``dit_sparse.available_methods()``); default :data:`DEFAULT_METHOD`.
+        method: registered method name (``dit_sparse.available_methods()``), or a method's config
+            (``RadialConfig(decay=0.2)``); default :data:`DEFAULT_METHOD`.
         backend: kernel backend, ``auto`` / ``triton`` / ``flex`` / ``reference``.
         error_sample: every n-th self-attention layer also runs exact attention and records the relative L2 error
             of the output and the LSE (0: off).
@@ -141,18 +136,36 @@ class SparseProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, method: str = DEFAULT_METHOD, *, backend: str = "auto", error_sample: int = 0, **params: Any):
+    def __init__(
+        self,
+        method: str | MethodConfig = DEFAULT_METHOD,
+        *,
+        backend: str = "auto",
+        error_sample: int = 0,
+        **params: Any,
+    ) -> None:
+        self._setup(method, backend, error_sample, params)
+        FINDER.wait(self)  # the Diffusers way: find the transformer at its first forward (dit_sparse.finder)
+
+    @classmethod
+    def for_tracked(
+        cls, method: str | MethodConfig, backend: str = "auto", error_sample: int = 0, **params: Any
+    ) -> SparseProcessor:
+        """A processor for a transformer dit_sparse already tracks (``dit_sparse.apply``): it waits for nothing."""
+        processor = cls.__new__(cls)
+        processor._setup(method, backend, error_sample, params)
+        return processor
+
+    def _setup(self, method: str | MethodConfig, backend: str, error_sample: int, params: dict[str, Any]) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if not isinstance(error_sample, int) or error_sample < 0:
+        if isinstance(error_sample, bool) or not isinstance(error_sample, int) or error_sample < 0:
             raise ValueError(f"error_sample must be an int >= 0 (0 = off), got {error_sample!r}")
         self.method = get_method(method, **params)
         self.backend = backend
         self.error_sample = error_sample
         self._natives: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
         self._full_plans: dict[tuple, BlockPlan] = {}
-        GlobalHooks.acquire()
-        weakref.finalize(self, GlobalHooks.release)
 
     def __repr__(self) -> str:
         return f"SparseProcessor({self.method!r}, backend={self.backend!r})"
@@ -180,10 +193,8 @@ class SparseProcessor:
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return self._traced_call(attn, args, kwargs)
-        frame = _frame_of(attn)
-        tracker = frame.tracker
-        name, index = tracker.layer_info(attn)
-        native = self._native(attn, name, tracker.adapter, index is not None)
+        frame, name, index = _frame_of(attn)
+        native = self._native(attn, name, frame.tracker.adapter, index is not None)
         accepted = _accepted(type(native))
         if accepted is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -244,15 +255,23 @@ class SparseProcessor:
                 "attention) is not supported"
             )
         tracker = frame.tracker
-        stats = tracker.stats.layer(router.layer)
+        record = tracker.active  # not gradient checkpointing's re-run in backward
+        stats = tracker.stats.layer(router.layer) if record else LayerStats()
         start = Timer.start(q.device)
         kv_len = self._extras(router.layer, tracker.adapter, q, k, mask, dropout_p, is_causal, enable_gqa)
         method, cfg = self.method, self.method.config
+        if not record and method.stateful:
+            raise NotImplementedError(
+                f"dit_sparse: {method.name} keeps per-step state, which gradient checkpointing's re-run of "
+                f"{router.layer!r} in backward would change; train with a static method (dense, radial, window, "
+                "svdit) or without gradient checkpointing"
+            )
         if method.name not in tracker.stats.methods:
             tracker.stats.methods[method.name] = method.describe()
         step, index = frame.step, router.index
+        dense_steps = cfg.warmup_steps(frame.num_steps)
         dense = method.name != "dense" and (
-            step < cfg.dense_steps or index < cfg.dense_layers or layout.seq_len < cfg.min_seq_len
+            step < dense_steps or index < cfg.dense_layers or layout.seq_len < cfg.min_seq_len
         )
         if dense:
             out = func(*args, **kwargs)
@@ -260,14 +279,15 @@ class SparseProcessor:
         else:
             ctx = StepContext(
                 step, frame.timestep, frame.cfg_pass, router.layer, index, layout,
-                tracker.state.layer_cache(router.layer, frame.cfg_pass),
+                tracker.state.layer_cache(router.layer, frame.cfg_pass), tracker.component, frame.num_steps,
+                dense_steps,
             )  # fmt: skip
             out, lse = self._sparse(q, k, v, layout, ctx, scale, kv_len, stats)
             stats.sparse_calls += 1
         stats.calls += 1
         stats.timer.stop(start)
-        if not dense and self.error_sample > 0 and index % self.error_sample == 0:  # measured outside attention_ms
-            self._record_error(q, k, v, out, lse, scale, kv_len, stats)
+        if record and not dense and self.error_sample > 0 and index % self.error_sample == 0:
+            self._record_error(q, k, v, out, lse, scale, kv_len, stats)  # measured outside attention_ms
         return out
 
     def _extras(
@@ -323,28 +343,33 @@ class SparseProcessor:
         """The method's output, and its LSE when errors are sampled and one kernel call covered every head.
 
         A method may launch the kernel several times per call (svdit: one launch per group of heads sharing a
-        token order): the recorded density is the head-weighted sum of the launches' plan densities.
+        token order): the recorded density is the head-weighted sum of the launches' plan densities. Launches a
+        method marks ``aux_work=True`` (work besides the output, e.g. Re-ttention's statistics on a refresh step)
+        are counted on their own (the report's ``aux_density``), so density stays a fraction of dense work.
         """
         sample = self.error_sample > 0 and ctx.layer_index % self.error_sample == 0
         heads = q.shape[1]
         density: list[torch.Tensor] = []
+        aux: list[torch.Tensor] = []
         lse_all: list[torch.Tensor] = []
         backend = self.backend
 
-        def kernel(q_, k_, v_, plan: BlockPlan, return_lse: bool = False):
-            want = return_lse or sample
+        def kernel(q_, k_, v_, plan: BlockPlan, return_lse: bool = False, *, aux_work: bool = False):
+            want = return_lse or (sample and not aux_work)
             res = block_sparse_attention(q_, k_, v_, plan, scale=scale, return_lse=want, backend=backend, kv_len=kv_len)
             out, lse = res if want else (res, None)
-            density.append(plan_density(plan) * (q_.shape[1] / heads))
-            if lse is not None and q_.shape[1] == heads:
+            (aux if aux_work else density).append(plan_density(plan) * (q_.shape[1] / heads))
+            if lse is not None and not aux_work and q_.shape[1] == heads:
                 lse_all.append(lse)
             return out, (lse if return_lse else None)
 
         out = self.method.attend(q, k, v, layout, ctx, kernel)
+        tokens = q.shape[0] * q.shape[-2]
         if density:
-            tokens = q.shape[0] * q.shape[-2]
             stats.density_sum = stats.density_sum + sum(density) * tokens
             stats.tokens += tokens
+        if aux:
+            stats.aux_sum = stats.aux_sum + sum(aux) * tokens
         return out, (lse_all[-1] if len(lse_all) == 1 and len(density) == 1 else None)
 
     def _record_error(self, q, k, v, out, lse, scale, kv_len, stats: LayerStats) -> None:
@@ -397,37 +422,40 @@ class _Route:
     index: int
 
 
-def _frame_of(attn: nn.Module, compiled: bool = False) -> Frame:
-    """The frame of the transformer forward running ``attn`` (a clear error outside any)."""
-    entry = current_frame()
-    if entry is None:
-        from dit_sparse.pipelines import supported_models
+def _frame_of(attn: nn.Module, compiled: bool = False) -> tuple[Frame, str, int | None]:
+    """(frame, layer name, self-attention index) of the transformer forward running ``attn``; a clear error outside
+    any (the frame of the last forward serves gradient checkpointing's re-run in backward)."""
+    site = attn.__dict__.get(SITE_ATTR)
+    tracker = site.tracker_ref() if site is not None else None
+    if tracker is not None and tracker.frame is not None and (tracker.active or in_backward()):
+        return tracker.frame, site.name, site.index
+    from dit_sparse.pipelines import supported_models
 
-        hint = ""
-        if compiled:
-            hint = (
-                " (under torch.compile of a whole transformer that was given a SparseProcessor the Diffusers way, "
-                "call dit_sparse.apply(...) or run one eager forward before compiling)"
-            )
-        raise TypeError(
-            f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
-            f"transformer; supported transformers: {', '.join(supported_models())}{hint}"
+    hint = ""
+    if compiled:
+        hint = (
+            " (under torch.compile of a whole transformer that was given a SparseProcessor the Diffusers way, "
+            "call dit_sparse.apply(...) or run one eager forward before compiling)"
         )
-    return resolve_frame(entry)
+    elif tracker is None and site is None:
+        hint = " (if it is one: dit_sparse.apply(pipe_or_transformer, ...) tracks it without the Diffusers way)"
+    raise TypeError(
+        f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
+        f"transformer; supported transformers: {', '.join(supported_models())}{hint}"
+    )
 
 
 @torch.compiler.disable
 def _bind_eager(processor: SparseProcessor, attn: nn.Module) -> _Binding:
     """Bind ``attn``'s native processor outside the graph (first compiled call of a module set the Diffusers way)."""
-    frame = _frame_of(attn, compiled=True)
-    name, index = frame.tracker.layer_info(attn)
+    frame, name, index = _frame_of(attn, compiled=True)
     processor._native(attn, name, frame.tracker.adapter, index is not None)
     return attn.__dict__[BINDING_ATTR]
 
 
 @torch.compiler.disable
 def _no_sdpa_eager(processor: SparseProcessor, attn: nn.Module, native: Any) -> None:
-    name, _ = _frame_of(attn, compiled=True).tracker.layer_info(attn)
+    _, name, _ = _frame_of(attn, compiled=True)
     raise RuntimeError(processor._no_sdpa_message(name, native))
 
 
@@ -435,8 +463,7 @@ def _no_sdpa_eager(processor: SparseProcessor, attn: nn.Module, native: Any) -> 
 def _attend_eager(processor: SparseProcessor, attn: nn.Module, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     """The graph break of a compiled self-attention call: the current frame (step, layout, CFG pass) is read here, at
     run time, and the call goes through :meth:`SparseProcessor.attention` as in eager mode."""
-    frame = _frame_of(attn, compiled=True)
-    name, index = frame.tracker.layer_info(attn)
+    frame, name, index = _frame_of(attn, compiled=True)
     if index is None:
         return func(*args, **kwargs)
     return processor.attention(_Route(frame, name, index), func, args, kwargs)

@@ -19,11 +19,13 @@ class Registry(Generic[T]):
     Args:
         kind: what the entries are, for messages (``"sparse-attention method"``).
         key: how to read an entry's name (default: its ``name`` attribute).
+        known: how a miss names the known entries (default ``kind`` + "s": "known sparse-attention methods: ...").
     """
 
-    def __init__(self, kind: str, key: Callable[[T], str] = lambda entry: entry.name) -> None:  # type: ignore[attr-defined]
+    def __init__(self, kind: str, key: Callable[[T], str] = lambda entry: entry.name, known: str | None = None) -> None:
         self.kind = kind
         self._key = key
+        self._known = known or f"{kind}s"
         self._entries: dict[str, T] = {}
 
     def register(self, entry: T) -> T:
@@ -40,7 +42,7 @@ class Registry(Generic[T]):
         """The entry named ``name``; a ValueError listing the known names otherwise."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self._known}: {', '.join(self.names())}")
         return entry
 
     def find(self, name: str) -> T | None:

@@ -325,11 +325,10 @@ def new_layer_stats(heads: int, candidates: Sequence[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the driver
 def _self_attention_processors(pipe: Any) -> tuple[list[Any], int]:
     """The SparseProcessors installed on the pipeline's transformer(s) and the number of self-attention layers."""
-    from dit_sparse.api import _transformers
-    from dit_sparse.pipelines import adapter_for
+    from dit_sparse.pipelines import adapter_for, pipeline_transformers
 
     procs, layers = [], 0
-    for _, model in _transformers(pipe):
+    for _, model in pipeline_transformers(pipe):
         modules = adapter_for(model).self_attention_modules(model)
         layers = max(layers, len(modules))
         procs.extend(module.processor for _, module in modules)

@@ -1,18 +1,20 @@
 """Per-step state: where in the denoising loop and in the model an attention call is.
 
-``StepContext`` is what a method sees for one call. The rest is the machinery that fills it: a ``Tracker`` per
-transformer (hooks that publish each forward's ``TokenLayout``, step and CFG pass as a ``Frame``), the
-``GenerationState`` it keeps, the statistics ``dit_sparse.report`` reads, and ``GlobalHooks`` for transformers that
-were handed a ``SparseProcessor`` the Diffusers way (``set_attn_processor``) instead of ``dit_sparse.apply``.
+``StepContext`` is what a method sees for one call. The rest is the machinery that fills it, all owned by one
+:class:`Tracker` per transformer, a stateful Diffusers ``ModelHook`` in the transformer's ``HookRegistry``: the
+processor and the processors it replaced, the :class:`GenerationState` (step, CFG pass, the methods' per-layer
+caches), the statistics ``dit_sparse.report`` reads, and the :class:`Frame` each forward publishes to its attention
+modules. Nothing here is process-wide except :mod:`dit_sparse.finder`, the first-sighting hook of the Diffusers way
+(``set_attn_processor(SparseProcessor())``), which lives only until the transformer is found.
+
+A transformer runs one forward at a time (the frame lives on its tracker, not in a thread-local stack).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import threading
-import time
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,13 @@ import torch
 from torch import nn
 
 from dit_sparse.layout import TokenLayout
+from dit_sparse.timing import Timer
+
+HOOK_NAME = "dit_sparse"
+"""Name of the tracker's hook in a transformer's Diffusers ``HookRegistry``."""
+
+SITE_ATTR = "_dit_sparse_site"
+"""Attribute of a tracked attention module: its :class:`Site` (read in eager code only, never traced)."""
 
 
 @dataclass
@@ -38,6 +47,10 @@ class StepContext:
         cache: this (layer, cfg_pass)'s own dict for plans, LSE, softmax statistics, ...; cleared on a new generation.
         transformer: the pipeline component the layer belongs to (``"transformer"``, or ``"transformer_2"`` for Wan
             2.2's second expert): a layer is identified by ``(transformer, layer_index)``.
+        num_steps: denoising steps of the pipeline's schedule (from its scheduler at the first step; None when
+            dit_sparse was given a transformer without its pipeline).
+        dense_steps: the dense warm-up steps in force for this generation (:meth:`MethodConfig.warmup_steps`; the
+            processor always sets it; None: a context built by hand, the config's count at ``num_steps``).
     """
 
     step: int
@@ -48,6 +61,8 @@ class StepContext:
     layout: TokenLayout
     cache: dict[str, Any] = field(default_factory=dict)
     transformer: str = "transformer"
+    num_steps: int | None = None
+    dense_steps: int | None = None
 
     @property
     def layer_key(self) -> tuple[str, int]:
@@ -56,7 +71,7 @@ class StepContext:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-transformer generation state, statistics, and the hooks that publish the layout and step to the processors
+# Generation state and statistics of one transformer
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -65,12 +80,15 @@ class GenerationState:
     """Where one transformer is in the current generation; fed once per transformer forward.
 
     A new generation starts (the cache is cleared) after :meth:`reset` (Diffusers resets stateful hooks after a
-    pipeline call), when the input shapes change, when the timestep jumps back up, or when the pipeline's step index
-    goes back. The step advances when the timestep (or the pipeline's step index) changes; further calls at the same
-    step are further CFG passes, named by the pipeline's cache context (``"cond"``, ``"uncond"``, ``"cond_uncond"``)
-    or ``"pass<i>"`` (the i-th call of the step) when the pipeline names none. Calling a transformer directly again
-    with the same timestep therefore counts as another CFG pass of the same step; to mark steps yourself (e.g. in a
-    benchmark loop) wrap the call in ``transformer.cache_context("cond", step_index=i)``.
+    pipeline call), when the input shapes change, when the timestep jumps back up, when the pipeline's step index
+    goes back, or when a named CFG pass comes again in the first step at the same timestep (a pipeline call that
+    raised in its first step never reached Diffusers' reset: the next call starts anew). The step advances when the
+    timestep (or the pipeline's step index) changes, or when a named pass comes again in a later step (schedulers
+    that repeat a timestep); further calls at the same step are further CFG passes, named by the pipeline's cache
+    context (``"cond"``, ``"uncond"``, ``"cond_uncond"``) or ``"pass<i>"`` (the i-th call of the step) when the
+    pipeline names none. Calling a transformer directly again with the same timestep therefore counts as another CFG
+    pass of the same step; to mark steps yourself (e.g. in a benchmark loop) wrap the call in
+    ``transformer.cache_context("cond", step_index=i)``.
     """
 
     generation: int = 0
@@ -80,7 +98,9 @@ class GenerationState:
     pass_index: int = 0
     shape_key: Any = None
     passes: list[str] = field(default_factory=list)
+    step_passes: list[str] = field(default_factory=list)
     steps_seen: int = 0
+    num_steps: int | None = None
     cache: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     fresh: bool = True
 
@@ -92,16 +112,20 @@ class GenerationState:
     def begin(
         self, timestep: float | None, shape_key: Any, context_name: str | None = None, step_index: int | None = None
     ) -> None:
-        """Account for one transformer forward."""
+        """Account for one transformer forward (``generation`` counts up when it starts a new generation)."""
+        repeated = step_index is None and context_name is not None and context_name in self.step_passes
+        same_t = timestep is not None and timestep == self.timestep
         new = self.fresh or shape_key != self.shape_key
         if not new and step_index is not None and self.step >= 0 and step_index < self.step:
             new = True
         if not new and timestep is not None and self.timestep is not None and timestep > self.timestep:
             new = True
+        if not new and repeated and same_t and self.steps_seen == 1:
+            new = True
         if new:
             self.generation += 1
             self.step, self.timestep, self.pass_index, self.steps_seen = -1, None, 0, 0
-            self.passes = []
+            self.passes, self.step_passes = [], []
             self.cache.clear()
             self.fresh = False
             self.shape_key = shape_key
@@ -109,64 +133,36 @@ class GenerationState:
             new_step = step_index != self.step
             step = step_index
         else:
-            new_step = self.step < 0 or timestep is None or timestep != self.timestep
+            new_step = self.step < 0 or timestep is None or timestep != self.timestep or (repeated and not new)
             step = self.step + 1 if new_step else self.step
         if new_step:
             self.steps_seen += 1
+            self.step_passes = []
         self.pass_index = 0 if new_step else self.pass_index + 1
         self.step, self.timestep = step, timestep
         self.cfg_pass = context_name or f"pass{self.pass_index}"
         if self.cfg_pass not in self.passes:
             self.passes.append(self.cfg_pass)
+        self.step_passes.append(self.cfg_pass)
 
     def layer_cache(self, layer: str, cfg_pass: str) -> dict[str, Any]:
         """The cache of one (layer, CFG pass) in this generation."""
         return self.cache.setdefault((layer, cfg_pass), {})
 
 
-class Timer:
-    """Durations in ms: CUDA events read lazily on GPU (no sync when recorded), wall clock on CPU."""
-
-    def __init__(self) -> None:
-        self._done: list[float] = []
-        self._events: list[tuple[Any, Any]] = []
-
-    @staticmethod
-    def start(device: torch.device) -> Any:
-        if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, start: Any) -> None:
-        if isinstance(start, float):
-            self._done.append((time.perf_counter() - start) * 1e3)
-        else:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((start, end))
-
-    def values(self) -> list[float]:
-        """Every duration recorded so far, in order of completion for CPU and CUDA separately."""
-        if self._events:
-            self._events[-1][1].synchronize()
-            self._done.extend(s.elapsed_time(e) for s, e in self._events)
-            self._events.clear()
-        return list(self._done)
-
-    def total(self) -> float:
-        return float(sum(self.values()))
-
-
 @dataclass
 class LayerStats:
-    """Counters of one self-attention module (density and errors stay tensors until read)."""
+    """Counters of one self-attention module (density and errors stay tensors until read).
+
+    ``density_sum`` counts the work that made each call's output; ``aux_sum`` the work a method did besides it
+    (Re-ttention's sparse pass on a refresh step, whose statistics serve later steps), both × tokens.
+    """
 
     calls: int = 0
     sparse_calls: int = 0
     dense_calls: int = 0
-    density_sum: Any = 0.0  # sum over sparse calls of density × tokens (tensor on the device)
+    density_sum: Any = 0.0
+    aux_sum: Any = 0.0
     tokens: int = 0
     timer: Timer = field(default_factory=Timer)
     out_err: list[torch.Tensor] = field(default_factory=list)
@@ -183,6 +179,8 @@ class TransformerStats:
     steps: int = 0
     generations: int = 0
     passes: list[str] = field(default_factory=list)
+    num_steps: int | None = None
+    dense_steps: int | None = None
 
     def layer(self, name: str) -> LayerStats:
         stats = self.layers.get(name)
@@ -191,21 +189,24 @@ class TransformerStats:
         return stats
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Frames and the tracker
+# --------------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Frame:
-    """What one transformer forward publishes to the processors: layout, step, CFG pass, its tracker."""
+    """What one transformer forward publishes to its attention modules: layout, step, CFG pass, warm-up."""
 
     tracker: Tracker
     layout: TokenLayout
     step: int
     timestep: float | None
     cfg_pass: str
+    num_steps: int | None = None
+    dense_steps: int = 0
     start: Any = None
     _layouts: dict[tuple[int, int], TokenLayout | None] = field(default_factory=dict)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.tracker.model
 
     def layout_for(self, batch: int, seq_len: int) -> TokenLayout | None:
         """The layout of a self-attention call over ``seq_len`` tokens, or None if it is not one of the video's."""
@@ -224,71 +225,64 @@ class Frame:
         return None
 
 
-@dataclass
-class _Pending:
-    """A supported transformer's forward seen by the global hook before dit_sparse tracked it."""
+@dataclass(frozen=True)
+class Site:
+    """Where a tracked attention module sits: its tracker (weakly), qualified name and self-attention index."""
 
-    model: nn.Module
-    args: tuple
-    kwargs: dict[str, Any] | None
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-
-class _Local(threading.local):
-    stack: list[Frame | _Pending]
-
-    def __init__(self) -> None:
-        self.stack = []
-
-
-_LOCAL = _Local()  # the transformer forwards running in this thread, innermost last
-_TRACKERS: weakref.WeakKeyDictionary[nn.Module, Tracker] = weakref.WeakKeyDictionary()
-HOOK_NAME = "dit_sparse"
-
-
-def current_frame() -> Frame | _Pending | None:
-    """The innermost transformer forward running now (None outside any)."""
-    stack = _LOCAL.stack
-    return stack[-1] if stack else None
-
-
-def _pop(model: nn.Module) -> Frame | _Pending | None:
-    stack = _LOCAL.stack
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i].module is model:
-            return stack.pop(i)
-    return None
+    tracker_ref: weakref.ReferenceType
+    name: str
+    index: int | None
 
 
 def get_tracker(model: nn.Module) -> Tracker | None:
-    return _TRACKERS.get(model)
+    """The tracker of ``model`` (None if dit_sparse is not active on it)."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return getattr(hook, "tracker", None)
+
+
+def in_backward() -> bool:
+    """Whether autograd's backward pass is running (gradient checkpointing re-runs blocks there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def schedule_steps(pipe: Any) -> int | None:
+    """Denoising steps of ``pipe``'s current schedule (its scheduler's ``num_inference_steps``), None if unknown."""
+    scheduler = getattr(pipe, "scheduler", None)
+    steps = getattr(scheduler, "num_inference_steps", None)
+    if isinstance(steps, int) and steps > 0:
+        return steps
+    timesteps = getattr(scheduler, "timesteps", None)
+    return len(timesteps) if timesteps is not None and len(timesteps) > 0 else None
 
 
 class Tracker:
-    """Per-transformer state: the hooks that publish each forward's layout and step, the generation state, stats.
+    """Everything dit_sparse keeps for one transformer, owned by the transformer (its Diffusers hook).
 
-    Installed by :func:`Tracker.attach`: a stateful Diffusers ``ModelHook`` (receives the pipeline's cache context
-    and ``reset_state`` after a pipeline call) plus a torch forward pre-hook / forward hook pair.
+    Attributes:
+        adapter: the model family's adapter.
+        component: the pipeline component name (``"transformer"`` / ``"transformer_2"``).
+        processor: the SparseProcessor serving the self-attention modules.
+        originals: module name → the processor it had before :func:`dit_sparse.apply` (empty the Diffusers way).
+        applied: True for :func:`dit_sparse.apply`, False when found the Diffusers way.
+        state, stats: the generation state and the statistics ``dit_sparse.report`` reads.
+        frame: the running (or, between forwards, the last) forward's :class:`Frame`; ``active`` says which.
     """
 
-    def __init__(self, model: nn.Module, adapter: Any) -> None:
+    def __init__(self, model: nn.Module, adapter: Any, component: str = "transformer", pipe: Any = None) -> None:
         self.model_ref = weakref.ref(model)
+        self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self.adapter = adapter
+        self.component = component
+        self.processor: Any = None
+        self.originals: dict[str, Any] = {}
+        self.applied = False
         self.state = GenerationState()
         self.stats = TransformerStats()
-        self.names: dict[nn.Module, tuple[str, int | None]] = {}
-        index = 0
-        for name, module in adapter.attention_modules(model):
-            if adapter.is_self_attention(name):
-                self.names[module] = (name, index)
-                index += 1
-            else:
-                self.names[module] = (name, None)
-        self._handles: list[Any] = []
-        self._ctx_hook: Any = None
+        self.frame: Frame | None = None
+        self.active = False
+        self.hook: Any = None
+        self._sparse_modules: list[tuple[str, nn.Module]] = []
 
     @property
     def model(self) -> nn.Module:
@@ -299,216 +293,162 @@ class Tracker:
 
     # -------------------------------------------------------------- install
     @classmethod
-    def attach(cls, model: nn.Module, adapter: Any) -> Tracker:
-        """The model's tracker, installing it on first use."""
-        tracker = _TRACKERS.get(model)
-        if tracker is not None:
-            return tracker
+    def attach(cls, model: nn.Module, adapter: Any, component: str = "transformer", pipe: Any = None) -> Tracker:
+        """A new tracker on ``model`` (replacing an old one): its hook in the model's HookRegistry, its sites."""
         from diffusers.hooks import HookRegistry
 
-        tracker = cls(model, adapter)
-        tracker._ctx_hook = _context_hook_cls()(tracker)
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        if registry.get_hook(HOOK_NAME) is not None:
-            registry.remove_hook(HOOK_NAME, recurse=False)
-        registry.register_hook(tracker._ctx_hook, HOOK_NAME)
-        tracker._handles = [
-            model.register_forward_pre_hook(tracker._pre, with_kwargs=True),
-            model.register_forward_hook(tracker._post, always_call=True),
-        ]
-        _TRACKERS[model] = tracker
+        old = get_tracker(model)
+        if old is not None:
+            old.detach()
+        tracker = cls(model, adapter, component, pipe)
+        tracker.hook = _hook_cls()(tracker)
+        HookRegistry.check_if_exists_or_initialize(model).register_hook(tracker.hook, HOOK_NAME)
+        ref = weakref.ref(tracker)
+        index = 0
+        for name, module in adapter.attention_modules(model):
+            self_attention = adapter.is_self_attention(name)
+            module.__dict__[SITE_ATTR] = Site(ref, name, index if self_attention else None)
+            index += self_attention
         return tracker
 
+    def adopt(self, processor: Any, applied: bool, originals: dict[str, Any] | None = None) -> None:
+        """Record the processor that serves the self-attention modules (and what it replaced)."""
+        self.processor, self.applied, self.originals = processor, applied, dict(originals or {})
+        self._sparse_modules = [
+            (n, m) for n, m in self.adapter.self_attention_modules(self.model) if m.processor is processor
+        ]
+
     def detach(self) -> None:
-        """Remove the hooks; the model's forward is its own again."""
+        """Remove the hook and the sites; the model's forward is its own again."""
         model = self.model_ref()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if model is not None:
-            registry = getattr(model, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-                registry.remove_hook(HOOK_NAME, recurse=False)
-            _TRACKERS.pop(model, None)
-            _pop(model)
+        self.active = False
+        if model is None:
+            return
+        registry = getattr(model, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is self.hook:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        for module in model.modules():
+            site = module.__dict__.get(SITE_ATTR)
+            if site is not None and site.tracker_ref() in (self, None):
+                del module.__dict__[SITE_ATTR]
 
     # -------------------------------------------------------------- per forward
-    # torch.compile(transformer) traces the module's hooks: these run eagerly (a graph break at the start and the end
-    # of the forward), so each forward publishes its own step instead of one baked into the graph.
-    @torch.compiler.disable
-    def _pre(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.begin(args, kwargs)
+    def begin(self, args: tuple, kwargs: dict[str, Any], context: Any = None) -> Frame | None:
+        """Read layout, timestep (one host sync) and cache context of a forward; publish its frame.
 
-    @torch.compiler.disable
-    def _post(self, model: nn.Module, args: tuple, output: Any) -> None:
-        frame = _pop(model)
-        if isinstance(frame, Frame) and frame.start is not None:
-            self.stats.forward_timer.stop(frame.start)
-
-    def begin(self, args: tuple, kwargs: dict[str, Any], context: Any = None) -> Frame:
-        """Read layout, timestep (one host sync) and cache context of a forward; push its frame."""
+        None when the processors were all replaced the Diffusers way (``set_attn_processor(...)`` of other
+        processors): dit_sparse then lets go of the transformer.
+        """
+        if not self._check_processors():
+            return None
         model = self.model
-        _pop(model)  # a forward that raised never popped its frame
         inputs = self.adapter.bind(model, args, kwargs)
         layout = self.adapter.layout(model, inputs)
         t = self.adapter.timestep(inputs)
         timestep = None if t is None else float(t.detach().float().max())
-        if context is None and self._ctx_hook is not None:
-            context = self._ctx_hook.state_manager._context
-        name = getattr(context, "name", None)
-        step_index = getattr(context, "step_index", None)
-        state = self.state
+        if context is None and self.hook is not None:
+            context = self.hook.state_manager._context
+        state, stats = self.state, self.stats
         before = state.generation
-        state.begin(timestep, layout, name, step_index)
-        stats = self.stats
+        state.begin(timestep, layout, getattr(context, "name", None), getattr(context, "step_index", None))
         if state.generation != before:
             stats.generations += 1
+            state.num_steps = schedule_steps(self.pipe_ref()) if self.pipe_ref is not None else None
         if state.pass_index == 0:
             stats.steps += 1
         if state.cfg_pass not in stats.passes:
             stats.passes.append(state.cfg_pass)
-        device = inputs["hidden_states"].device
-        frame = Frame(self, layout, state.step, timestep, state.cfg_pass, start=Timer.start(device))
-        _LOCAL.stack.append(frame)
-        return frame
+        dense_steps = self.processor.method.config.warmup_steps(state.num_steps) if self.processor else 0
+        stats.num_steps, stats.dense_steps = state.num_steps, dense_steps
+        start = Timer.start(inputs["hidden_states"].device)
+        self.frame = Frame(self, layout, state.step, timestep, state.cfg_pass, state.num_steps, dense_steps, start)
+        self.active = True
+        return self.frame
 
-    def layer_info(self, module: nn.Module) -> tuple[str, int | None]:
-        """(name, self-attention index or None) of an attention module of this transformer."""
-        info = self.names.get(module)
-        if info is None:
-            for name, mod in self.model.named_modules():
-                if mod is module:
-                    idx = None
-                    if self.adapter.is_self_attention(name):
-                        idx = sum(1 for i in self.names.values() if i[1] is not None)
-                    info = self.names[module] = (name, idx)
-                    break
-            else:
-                info = self.names[module] = (type(module).__name__, None)
-        return info
+    def end(self) -> None:
+        """The forward returned: time it; the frame stays for gradient checkpointing's re-run in backward."""
+        if self.active and self.frame is not None and self.frame.start is not None:
+            self.stats.forward_timer.stop(self.frame.start)
+        self.active = False
+
+    def _check_processors(self) -> bool:
+        """The self-attention modules still hold the processor. Fused projections (CogVideoX
+        ``fuse_qkv_projections()`` installs fused processors) are wrapped again, so the method survives fusion;
+        any other replacement is an error after :func:`dit_sparse.apply`, and the Diffusers way's way out when every
+        processor was replaced."""
+        processor = self.processor
+        if processor is None:
+            return True
+        replaced = []
+        for name, module in self._sparse_modules:
+            current = module.processor
+            if current is processor:
+                continue
+            if getattr(module, "fused_projections", False) and not _is_sparse(current):
+                processor.bind(module, current)
+                self.adapter.set_processor(module, processor)
+                continue
+            replaced.append(name)
+        if not replaced:
+            return True
+        if not self.applied and len(replaced) == len(self._sparse_modules):
+            self.detach()
+            return False
+        raise RuntimeError(
+            f"dit_sparse: the attention processors of {', '.join(replaced[:3])}"
+            f"{' ...' if len(replaced) > 3 else ''} were replaced after dit_sparse was applied, so their attention "
+            "would silently run dense; call dit_sparse.remove(...) before setting other processors (and apply again "
+            "after)"
+        )
+
+
+def _is_sparse(processor: Any) -> bool:
+    from dit_sparse.processor import SparseProcessor
+
+    return isinstance(processor, SparseProcessor)
+
+
+def warmup_from_fraction(at_50: int, num_steps: int | None) -> int:
+    """A warm-up given as steps of a 50-step schedule, on a schedule of ``num_steps`` (rounded half up)."""
+    if num_steps is None or num_steps == 50:
+        return at_50
+    return int(math.floor(at_50 * num_steps / 50 + 0.5))
 
 
 @functools.cache
-def _context_hook_cls() -> type:
+def _hook_cls() -> type:
     """The Diffusers ``ModelHook`` subclass (built on first use: diffusers is imported lazily)."""
     from diffusers.hooks import ModelHook
     from diffusers.hooks.hooks import BaseState, StateManager
 
-    class ContextHook(ModelHook):
-        """Stateful Diffusers hook: holds the pipeline's cache context; resets the generation after a pipeline call."""
+    class TrackerHook(ModelHook):
+        """Stateful Diffusers hook owning a :class:`Tracker`: publishes each forward's frame, holds the pipeline's
+        cache context, and resets the generation after a pipeline call.
+
+        ``torch.compile(transformer)`` traces the hook: :meth:`pre_forward` and :meth:`post_forward` run eagerly
+        (a graph break at the start and the end of the forward), so each forward publishes its own step.
+        """
 
         _is_stateful = True
 
         def __init__(self, tracker: Tracker) -> None:
             super().__init__()
-            self.tracker_ref = weakref.ref(tracker)
+            self.tracker = tracker
             self.state_manager = StateManager(BaseState)  # Diffusers' cache_context(...) sets its context
+
+        @torch.compiler.disable
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+            self.tracker.begin(args, kwargs)
+            return args, kwargs
+
+        @torch.compiler.disable
+        def post_forward(self, module: nn.Module, output: Any) -> Any:
+            self.tracker.end()
+            return output
 
         def reset_state(self, module: nn.Module) -> nn.Module:
             self.state_manager.reset()
-            tracker = self.tracker_ref()
-            if tracker is not None:
-                tracker.state.reset()
+            self.tracker.state.reset()
             return module
 
-    return ContextHook
-
-
-# ------------------------------------------------------------------ the Diffusers way: global first-sighting hooks
-class GlobalHooks:
-    """While any SparseProcessor is alive, a global module hook notes forwards of supported, untracked transformers
-    (``set_attn_processor(SparseProcessor())`` never hands dit_sparse the transformer); the processor attaches the
-    tracker on its first call inside such a forward.
-
-    When the last processor dies the hooks turn inert; :meth:`sweep` (``dit_sparse.remove``) removes them. Not the
-    processor's finalizer: the garbage collector may free a processor in the middle of a ``torch.compile``, whose
-    guards read the global hook dicts (removing a hook then breaks that compilation). Inert hooks cost an attribute
-    check per module call in eager mode and nothing in compiled code.
-    """
-
-    _users = 0
-    _handles: list[Any] = []
-    _adapters: dict[type, Any] = {}
-
-    @classmethod
-    def acquire(cls) -> None:
-        cls._users += 1
-        if not cls._handles:
-            from torch.nn.modules import module as torch_module
-
-            cls._handles = [
-                torch_module.register_module_forward_pre_hook(cls._pre),
-                torch_module.register_module_forward_hook(cls._post, always_call=True),
-            ]
-
-    @classmethod
-    def release(cls) -> None:
-        cls._users -= 1
-
-    @classmethod
-    def sweep(cls) -> None:
-        """Remove the hooks if no SparseProcessor is alive (call only outside any forward)."""
-        if cls._users == 0 and cls._handles:
-            for handle in cls._handles:
-                handle.remove()
-            cls._handles = []
-
-    @classmethod
-    def _adapter(cls, module: nn.Module) -> Any:
-        kind = type(module)
-        if kind not in cls._adapters:
-            from dit_sparse.pipelines import find_adapter
-
-            cls._adapters[kind] = find_adapter(module)
-        return cls._adapters[kind]
-
-    @classmethod
-    def _pre(cls, module: nn.Module, args: tuple) -> None:
-        # traced code (a compiled block or transformer): nothing to note; a compiled transformer is tracked only once
-        # dit_sparse.apply or an eager forward attached its tracker (see SparseProcessor)
-        if torch.compiler.is_compiling() or cls._users <= 0 or module in _TRACKERS or cls._adapter(module) is None:
-            return
-        # global pre-hooks get no kwargs: read them from torch's Module._call_impl frame (pipelines pass kwargs)
-        kwargs = _call_kwargs()
-        _pop(module)
-        _LOCAL.stack.append(_Pending(module, args, dict(kwargs) if isinstance(kwargs, dict) else None))
-
-    @classmethod
-    def _post(cls, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        stack = _LOCAL.stack
-        if stack and isinstance(stack[-1], _Pending) and stack[-1].model is module:
-            stack.pop()
-
-
-def _call_kwargs() -> dict[str, Any] | None:
-    """The keyword arguments of the ``Module.__call__`` running the current global hook (torch calls global pre-hooks
-    with positional arguments only)."""
-    from torch.nn.modules import module as torch_module
-
-    frame = sys._getframe(2)
-    for _ in range(3):
-        if frame is None:
-            break
-        if frame.f_code.co_filename == torch_module.__file__ and frame.f_code.co_name in ("_call_impl", "inner"):
-            kwargs = frame.f_locals.get("kwargs")
-            if isinstance(kwargs, dict):
-                return kwargs
-        frame = frame.f_back
-    return None
-
-
-def resolve_frame(entry: Frame | _Pending) -> Frame:
-    """Turn a pending forward (seen by the global hook) into a tracked one: attach the tracker, publish the frame."""
-    if isinstance(entry, Frame):
-        return entry
-    if entry.kwargs is None:
-        raise RuntimeError(
-            f"dit_sparse could not read the inputs of this {type(entry.model).__name__} forward; "
-            "use dit_sparse.apply(pipe_or_transformer, ...) instead of set_attn_processor"
-        )
-    adapter = GlobalHooks._adapter(entry.model)
-    tracker = Tracker.attach(entry.model, adapter)
-    _pop(entry.model)
-    return tracker.begin(entry.args, entry.kwargs)
+    return TrackerHook

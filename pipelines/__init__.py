@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from dit_sparse.registry import Registry
+
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
 from .hunyuan_video import HunyuanVideoAdapter
@@ -11,9 +13,14 @@ from .ltx import LTXAdapter
 from .mochi import MochiAdapter
 from .wan import WanAdapter
 
-ADAPTERS: dict[str, ModelAdapter] = {
-    a.model_class: a for a in (WanAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(), LTXAdapter(), MochiAdapter())
-}
+ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", key=lambda adapter: adapter.model_class)
+"""One adapter per supported Diffusers transformer class, by class name (a new family: one file, one line here)."""
+
+ADAPTERS.register(WanAdapter())
+ADAPTERS.register(CogVideoXAdapter())
+ADAPTERS.register(HunyuanVideoAdapter())
+ADAPTERS.register(LTXAdapter())
+ADAPTERS.register(MochiAdapter())
 
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
@@ -34,13 +41,13 @@ def pipeline_transformers(obj: object) -> list[tuple[str, nn.Module]]:
 
 def supported_models() -> list[str]:
     """Class names of the supported Diffusers transformers."""
-    return sorted(ADAPTERS)
+    return ADAPTERS.names()
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter | None:
     """The adapter of ``model``'s class, else None (exact Diffusers classes only: a subclass may change the tokens)."""
     cls = type(model)
-    adapter = ADAPTERS.get(cls.__name__)
+    adapter = ADAPTERS.find(cls.__name__)
     return adapter if adapter is not None and cls.__module__.startswith("diffusers.") else None
 
 

@@ -191,22 +191,34 @@ def test_set_attn_processor_way_under_compile():
     assert (rep.generations, rep.steps, rep.dense_calls, rep.sparse_calls) == (1, 3, 2, 4) and 0 < rep.density < 1
 
 
-def test_global_hooks_stay_until_remove():
-    """A processor freed by the garbage collector (possibly in the middle of a torch.compile, whose guards read the
-    global hook dicts) leaves the global hooks in place; dit_sparse.remove takes them away once no processor is left."""
+def test_first_sighting_hooks_live_until_the_transformer_is_found():
+    """The Diffusers way installs the process-wide first-sighting hooks only while a processor waits for its
+    transformer: found at the first forward, they are gone; a processor freed by the garbage collector (possibly in
+    the middle of a torch.compile, whose guards read the global hook dicts) leaves them until the next eager module
+    call; dit_sparse.apply never installs them."""
     import gc
 
-    from dit_sparse.state import GlobalHooks
+    from dit_sparse.finder import FINDER
 
-    model, _ = BUILDERS["wan"]()
+    model, inputs = BUILDERS["wan"]()
+    dit_sparse.apply(model, "dense", block_size=16, min_seq_len=0)
+    assert not FINDER.installed
+    run(model, inputs)
+    dit_sparse.remove(model)
+    model.set_attn_processor(SparseProcessor("dense", block_size=16, min_seq_len=0))
+    assert FINDER.installed
+    run(model, inputs)  # found: the transformer's own hook from now on
+    assert not FINDER.installed
+    run(model, inputs)
+    assert dit_sparse.report(model).steps == 1 and dit_sparse.report(model).calls == 4
+    dit_sparse.remove(model)
     processor = SparseProcessor("dense")
-    handles = list(GlobalHooks._handles)
-    assert handles
+    assert FINDER.installed
     del processor
     gc.collect()
-    assert GlobalHooks._handles == handles
-    dit_sparse.remove(model)
-    assert (GlobalHooks._users == 0) == (not GlobalHooks._handles)
+    assert FINDER.installed  # not removed by the finalizer
+    torch.nn.Identity()(torch.zeros(1))  # the next eager module call
+    assert not FINDER.installed
 
 
 def test_pinned_non_sdpa_backend_under_compile():

@@ -36,7 +36,7 @@ def _manual(q, k, v, plan: BlockPlan) -> torch.Tensor:
 
 def test_config_defaults_are_official_and_bad_values_fail():
     cfg = DraftConfig()
-    assert (cfg.sparsity, cfg.pool, cfg.block_size, cfg.dense_steps, cfg.dense_layers) == (0.75, (8, 16), 128, 15, 1)
+    assert (cfg.sparsity, cfg.pool, cfg.block_size, cfg.warmup_steps(50), cfg.dense_layers) == (0.75, (8, 16), 128, 15, 1)
     with pytest.raises(ValueError, match="pool"):
         DraftConfig(pool=(8, 8))  # 64 tokens, block 128
     with pytest.raises(ValueError, match="pool"):
@@ -102,7 +102,7 @@ def test_output_equals_reference_kernel_on_its_plan(text_where, dtype):
     method = get_method("draft", **SMALL)
     plans = []
 
-    def kernel(q_, k_, v_, plan, return_lse=False):
+    def kernel(q_, k_, v_, plan, return_lse=False, aux_work=False):
         plans.append(plan)
         return block_sparse_attention(q_, k_, v_, plan, backend="reference"), None
 

@@ -182,7 +182,7 @@ def test_small_grid_geometry(text_where):
 
 def test_config_defaults_are_official():
     cfg = RadialConfig()
-    assert (cfg.decay, cfg.dense_layers, cfg.dense_steps, cfg.block_size, cfg.sink) == (0.2, 1, 12, 128, True)
+    assert (cfg.decay, cfg.dense_layers, cfg.warmup_steps(50), cfg.block_size, cfg.sink) == (0.2, 1, 12, 128, True)
     with pytest.raises(ValueError, match="decay"):
         RadialConfig(decay=0)
 

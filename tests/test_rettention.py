@@ -46,7 +46,7 @@ def oracle(q, k, v, mask, scale=None):
 def make_kernel(log: list | None = None, backend: str = "reference"):
     """The processor's kernel closure, minus its bookkeeping (scale default, no key padding)."""
 
-    def kernel(q, k, v, plan, return_lse=False):
+    def kernel(q, k, v, plan, return_lse=False, aux_work=False):
         if log is not None:
             log.append((plan.density(), return_lse))
         res = block_sparse_attention(q, k, v, plan, return_lse=return_lse, backend=backend)
@@ -201,7 +201,7 @@ def test_schedule():
     assert method.refresh_due(22, 16)  # a missed refresh (step 20 skipped): stale after refresh_interval steps
     assert method.cycle_steps == 5 and not method.needs_lse
     cfg = RettentionConfig()
-    assert (cfg.window_fraction, cfg.refresh_interval, cfg.rho_step, cfg.dense_steps, cfg.dense_layers) == (
+    assert (cfg.window_fraction, cfg.refresh_interval, cfg.rho_step, cfg.warmup_steps(50), cfg.dense_layers) == (
         0.03125, 5, 0.04, 15, 0)  # fmt: skip
 
 
@@ -323,7 +323,10 @@ def test_end_to_end_tiny_wan():
     assert all(r.sparse_calls == 2 for r in reps[1:])
     d = reps[2].density
     assert 0 < d < 0.6 and reps[3].density == pytest.approx(d)  # sparse steps: the plan's density
-    assert reps[1].density == pytest.approx(1 + d) and reps[4].density == pytest.approx(1 + d)  # dense + sparse
+    for r in (reps[1], reps[4]):  # refresh: the dense output (density 1) and the sparse pass for the statistics
+        assert r.density == pytest.approx(1.0) and r.aux_density == pytest.approx(d)
+        assert "work besides the outputs" in str(r)
+    assert reps[2].aux_density == 0
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "ltx", "mochi"])
@@ -352,7 +355,8 @@ def test_end_to_end_families(family):
     torch.testing.assert_close(outs[0], dense, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs[1], dense, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(outs[2], dense, atol=1e-4)
-    assert reps[0].density > 1 and 0 < reps[1].density < 1 and reps[2].density == pytest.approx(reps[1].density)
+    assert reps[0].density == pytest.approx(1.0) and reps[0].aux_density > 0  # refresh: dense output + statistics
+    assert 0 < reps[1].density < 1 and reps[2].density == pytest.approx(reps[1].density)
 
 
 def test_end_to_end_wan_pipeline_cfg():

@@ -110,7 +110,7 @@ def _write(tmp_path, layers, **extra):
 def _attend(method, q, k, v, layout, layer=0, backend="reference"):
     calls = []
 
-    def kernel(q_, k_, v_, plan, return_lse=False):
+    def kernel(q_, k_, v_, plan, return_lse=False, aux_work=False):
         calls.append(plan)
         out = block_sparse_attention(q_, k_, v_, plan, backend=backend)
         return out, None

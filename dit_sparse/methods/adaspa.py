@@ -21,9 +21,9 @@ Defaults (paper): ``sparsity = 0.8``, ``recall = 0.8``, ``block_size = 64``, den
 every ``search_interval`` steps after it).
 
 Choices and deviations:
-- The schedule is in denoising steps, as in the paper at 50 steps. The step context does not know the pipeline's
-  total step count, so it is not rescaled automatically: for ``S`` steps use ``dense_steps ≈ S / 5`` and
-  ``search_interval ≈ 2S / 5`` (e.g. 2 and 4 at 10 steps). Whatever the schedule, the first sparse call of a
+- The schedule is in denoising steps, as in the paper at 50 steps. The dense warm-up follows the pipeline's step
+  count (``S / 5`` steps, from its scheduler); ``search_interval`` does not: for ``S`` steps use
+  ``search_interval ≈ 2S / 5`` (e.g. 4 at 10 steps). Whatever the schedule, the first sparse call of a
   layer always searches (e.g. with ``dense_steps=0``), and a layer that a Diffusers cache (FirstBlockCache, ...)
   skipped at a search step searches at its next call.
 - The output of a first search step is the dense pass's output (exact); at a later search step it is the new plan's
@@ -43,6 +43,7 @@ Choices and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -69,16 +70,19 @@ class AdaSpaConfig(MethodConfig):
         search_interval: steps between searches after the first (default 20: searches at steps 10 and 30 of 50;
             0: search once).
         block_size: block size in tokens (default 64).
-        dense_steps: dense warm-up denoising steps (default 10 of 50).
+        dense_steps: dense warm-up denoising steps (default None: 10 of 50, scaled to the pipeline's step count;
+            see :class:`MethodConfig`).
         dense_layers: leading dense self-attention layers (default 0).
     """
+
+    dense_steps_at_50: ClassVar[int] = 10
 
     sparsity: float = 0.8
     recall: float = 0.8
     head_adaptive: bool = True
     search_interval: int = 20
     block_size: int = 64
-    dense_steps: int = 10
+    dense_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +114,7 @@ class AdaSpa(Method):
     name = "adaspa"
     config_cls = AdaSpaConfig
     dynamic = True
+    stateful = True
 
     # ---------------------------------------------------------------- schedule
     @property
@@ -124,10 +129,10 @@ class AdaSpa(Method):
         b, h, n, _ = q.shape
         if state is None or state.plan.seq_len != n or state.plan.batch != b or state.plan.heads != h:
             return True
-        cfg = self.config
-        if cfg.search_interval == 0 or ctx.step < cfg.dense_steps:
+        cfg, warmup = self.config, self.warmup(ctx)
+        if cfg.search_interval == 0 or ctx.step < warmup:
             return False
-        latest = cfg.dense_steps + (ctx.step - cfg.dense_steps) // cfg.search_interval * cfg.search_interval
+        latest = warmup + (ctx.step - warmup) // cfg.search_interval * cfg.search_interval
         return state.step < latest
 
     # ---------------------------------------------------------------- search

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,30 +22,126 @@ import torch
 
 from dit_sparse.layout import TokenLayout
 from dit_sparse.plan import BlockPlan
-from dit_sparse.state import StepContext
+from dit_sparse.registry import Registry
+from dit_sparse.state import StepContext, warmup_from_fraction
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """Policy shared by every method.
 
+    Every field is checked against its annotation when the config is made (an ``int`` field takes no bool, float or
+    string; a ``float`` field takes ints, converted, but no infinity or NaN; tuples are checked element by element,
+    with their length), so that a bad value is refused up front with the field's name.
+
     Attributes:
         block_size: query and key block size of the plan in tokens (default 128, the Triton kernel's tile).
-        dense_steps: the first ``dense_steps`` denoising steps run dense attention (default 0).
+        dense_steps: the first ``dense_steps`` denoising steps run dense attention. Default None: the method's paper
+            warm-up, ``dense_steps_at_50`` steps of a 50-step schedule scaled to the pipeline's step count (read from
+            its scheduler at the first step; exactly the paper's count at 50 steps, unscaled when the step count is
+            unknown). An explicit value is taken as it is.
         dense_layers: the first ``dense_layers`` self-attention layers run dense attention (default 0).
         min_seq_len: self-attention over fewer tokens than this runs dense (default 1024).
     """
 
+    dense_steps_at_50: ClassVar[int] = 0
+    """The paper's dense warm-up steps for a 50-step schedule (0 here; each method sets its own)."""
+
     block_size: int = 128
-    dense_steps: int = 0
+    dense_steps: int | None = None
     dense_layers: int = 0
     min_seq_len: int = 1024
 
     def __post_init__(self) -> None:
+        check_types(self)
         _at_least(self, "block_size", 1)
-        _at_least(self, "dense_steps", 0)
+        if self.dense_steps is not None:
+            _at_least(self, "dense_steps", 0)
         _at_least(self, "dense_layers", 0)
         _at_least(self, "min_seq_len", 0)
+
+    def warmup_steps(self, num_steps: int | None) -> int:
+        """Dense warm-up steps on a schedule of ``num_steps`` denoising steps (None: unknown)."""
+        if self.dense_steps is not None:
+            return self.dense_steps
+        return warmup_from_fraction(self.dense_steps_at_50, num_steps)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_types(cfg: Any) -> None:
+    """Check (and normalise: int → float, list → tuple) every dataclass field of ``cfg`` against its annotation."""
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        ok, normal = _conform(value, hints[f.name])
+        if not ok:
+            raise ValueError(
+                f"{type(cfg).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        if normal is not value:
+            object.__setattr__(cfg, f.name, normal)
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value fits the annotation, the value normalised)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is not type(None):
+                ok, normal = _conform(value, arg)
+                if ok:
+                    return True, normal
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        items = args[:-1] if len(args) == 2 and args[1] is Ellipsis else args
+        if items and args[-1] is not Ellipsis and len(value) != len(items):
+            return False, value
+        elem = [args[0]] * len(value) if args and args[-1] is Ellipsis else items
+        out = []
+        for item, arg in zip(value, elem, strict=False):
+            ok, normal = _conform(item, arg)
+            if not ok:
+                return False, value
+            out.append(normal)
+        return True, tuple(out)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False, value
+        return True, float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is Any or not isinstance(hint, type):
+        return True, value
+    return isinstance(value, hint), value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0])}"
+        return f"a tuple of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    names = {bool: "a bool (true/false)", int: "an int", float: "a finite number", str: "a string", type(None): "None"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _at_least(cfg: Any, name: str, low: float) -> None:
@@ -57,8 +157,9 @@ def check_range(cfg: Any, name: str, low: float, high: float) -> None:
         raise ValueError(f"{type(cfg).__name__}.{name} must lie in [{low}, {high}], got {value!r}")
 
 
-# kernel(q, k, v, plan, return_lse) -> (out, lse or None), with the call's scale, backend and key padding bound
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockPlan, bool], tuple[torch.Tensor, torch.Tensor | None]]
+# kernel(q, k, v, plan, return_lse, *, aux_work=False) -> (out, lse or None), with the call's scale, backend and key
+# padding bound; aux_work=True marks work besides the output (counted on its own in reports, not in the density)
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class Method:
@@ -72,6 +173,9 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     dynamic: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    """Whether a call's output depends on earlier steps' calls (``ctx.cache``): such methods refuse gradient
+    checkpointing's re-run in backward, which would see the state the forward left."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -82,6 +186,10 @@ class Method:
     def plan(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, ctx: StepContext) -> BlockPlan:
         """The BlockPlan for one attention call (q, k: ``[B, H, N, D]``)."""
         raise NotImplementedError
+
+    def warmup(self, ctx: StepContext) -> int:
+        """The dense warm-up steps in force for the call: ``ctx.dense_steps``, else the config's at ``ctx.num_steps``."""
+        return ctx.dense_steps if ctx.dense_steps is not None else self.config.warmup_steps(ctx.num_steps)
 
     def post(self, out: torch.Tensor, lse: torch.Tensor | None, ctx: StepContext) -> torch.Tensor:
         """Correct the sparse output (e.g. Re-ttention's statistical reshape); identity by default."""
@@ -139,22 +247,18 @@ class Method:
         return f"{type(self).__name__}({params})"
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("sparse-attention method", known="methods")
+"""The registered methods by name (``dit_sparse.available_methods()``)."""
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its ``name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: make a method available by its ``name`` (``METHODS.register``)."""
+    return METHODS.register(cls)
 
 
 def available_methods() -> list[str]:
     """Names of the registered methods."""
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def make_config(name: str, params: dict[str, Any]) -> MethodConfig:
@@ -171,18 +275,35 @@ def make_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown sparse-attention method {name!r}; known methods: {', '.join(available_methods())}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
-def get_method(name: str, **params: Any) -> Method:
-    """Instantiate a registered method: ``get_method("window", window=(1, 1, 1))``."""
-    return method_class(name)(make_config(name, params))
+def method_of_config(config: MethodConfig) -> type[Method]:
+    """The registered method whose config class ``config`` is."""
+    for cls in METHODS:
+        if type(config) is cls.config_cls:
+            return cls
+    raise TypeError(f"{type(config).__name__} is the config of no registered method ({', '.join(available_methods())})")
+
+
+def get_method(method: str | MethodConfig, **params: Any) -> Method:
+    """Instantiate a registered method: ``get_method("window", window=(1, 1, 1))`` or ``get_method(WindowConfig())``."""
+    if isinstance(method, MethodConfig):
+        if params:
+            raise TypeError(
+                f"pass hyper-parameters inside the {type(method).__name__}, not beside it: {sorted(params)}"
+            )
+        return method_of_config(method)(method)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
+    return method_class(method)(make_config(method, params))
 
 
 def parse_value(text: str) -> Any:
-    """A hyper-parameter value from text: a Python literal (``0.2``, ``1,1,1`` → tuple, ``True``) or else the string."""
+    """A hyper-parameter value from text: ``true``/``false`` (any case), a Python literal (``0.2``, ``1,1,1`` →
+    tuple, ``True``, ``None``) or else the string."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -61,20 +62,22 @@ class DraftConfig(MethodConfig):
             ``rows · cols`` must equal ``block_size``.
         sparsity: share of the video × video draft map that is dropped, per head (default 0.75, official Wan;
             0.9 for HunyuanVideo).
-        dense_steps: dense warm-up denoising steps (default 15: official t > 925 at 50 steps, shift 5).
+        dense_steps: dense warm-up denoising steps (default None: 15 of 50, official t > 925 at 50 steps, shift
+            5, scaled to the pipeline's step count; see :class:`MethodConfig`).
         dense_layers: leading dense self-attention layers (default 1, official Wan).
         block_size: kernel block size in tokens (default 128 = 8 × 16, official).
     """
 
+    dense_steps_at_50: ClassVar[int] = 15
+
     pool: tuple[int, int] = (8, 16)
     sparsity: float = 0.75
-    dense_steps: int = 15
+    dense_steps: int | None = None
     dense_layers: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "pool", tuple(int(x) for x in self.pool))
-        if len(self.pool) != 2 or min(self.pool) < 1:
+        if min(self.pool) < 1:
             raise ValueError(f"DraftConfig.pool must be two sizes (rows, cols) >= 1, got {self.pool}")
         if math.prod(self.pool) != self.block_size:
             raise ValueError(

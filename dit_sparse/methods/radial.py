@@ -42,6 +42,7 @@ Measured block density (this implementation vs the official mask, 81 frames): Wa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,15 +63,18 @@ class RadialConfig(MethodConfig):
         min_window: smallest spatial window in tokens, and the threshold below which frame distances are
             dropped (default 128).
         sink: key frame 0 is attended densely by every frame (Wan's attention sink; default True).
-        dense_steps: dense warm-up denoising steps (default 12, official ``dense_timesteps``).
+        dense_steps: dense warm-up denoising steps (default None: 12 of 50, official ``dense_timesteps``, scaled
+            to the pipeline's step count; see :class:`MethodConfig`).
         dense_layers: leading dense self-attention layers (default 1, official ``dense_layers``).
         block_size: kernel block size in tokens (default 128, official).
     """
 
+    dense_steps_at_50: ClassVar[int] = 12
+
     decay: float = 0.2
     min_window: int = 128
     sink: bool = True
-    dense_steps: int = 12
+    dense_steps: int | None = None
     dense_layers: int = 1
 
     def __post_init__(self) -> None:

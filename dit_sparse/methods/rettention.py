@@ -65,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -90,28 +91,27 @@ class RettentionConfig(MethodConfig):
         refresh_interval: steps from one full-attention refresh to the next, counted from ``dense_steps``
             (default 5).
         rho_step: added to ``rho`` per sparse step since the refresh, after the first (default 0.04, official code).
-        dense_steps: dense warm-up steps before the first refresh (default 15, for 50 steps: official CogVideoX
-            script; scale it, and ``refresh_interval``, for other step counts).
+        dense_steps: dense warm-up steps before the first refresh (default None: 15 of 50, the official CogVideoX
+            script, scaled to the pipeline's step count; see :class:`MethodConfig`). ``refresh_interval`` is not
+            scaled: set it for short schedules.
         dense_layers: default 0 (the official code makes every layer sparse).
         block_size: kernel block size (default 128).
     """
+
+    dense_steps_at_50: ClassVar[int] = 15
 
     window_fraction: float = 0.03125
     window: int | None = None
     refresh_interval: int = 5
     rho_step: float = 0.04
-    dense_steps: int = 15
+    dense_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self, "window_fraction", 0.0, 1.0)
         check_range(self, "rho_step", 0.0, 1.0)
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)):
-            raise ValueError(f"RettentionConfig.window must be an int (positions) or None, got {self.window!r}")
         if self.window is not None and self.window < 0:
             raise ValueError(f"RettentionConfig.window must be >= 0 in-frame positions, got {self.window!r}")
-        if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int):
-            raise ValueError(f"RettentionConfig.refresh_interval must be an int, got {self.refresh_interval!r}")
         if self.refresh_interval < 1:
             raise ValueError(
                 f"RettentionConfig.refresh_interval must be >= 1 step (1 = refresh every step), "
@@ -165,6 +165,7 @@ class Rettention(Method):
 
     name = "rettention"
     config_cls = RettentionConfig
+    stateful = True
     dynamic = False  # the sparse plan is static per layout (cached by get_plan); the statistics live in ctx.cache
 
     def __init__(self, config: RettentionConfig | None = None) -> None:
@@ -191,14 +192,16 @@ class Rettention(Method):
         mask, perm = rettention_block_mask(layout, block, self.half_window(layout), device=q.device)
         return BlockPlan.from_block_mask(mask, layout.seq_len, block, perm=perm)
 
-    def refresh_due(self, step: int, last_refresh: int | None) -> bool:
-        """Whether a call at ``step`` runs full attention, given the step of the cached refresh (None: no cache)."""
+    def refresh_due(self, step: int, last_refresh: int | None, dense_steps: int | None = None) -> bool:
+        """Whether a call at ``step`` runs full attention, given the step of the cached refresh (None: no cache) and
+        the warm-up in force (None: the config's unscaled)."""
         cfg = self.config
+        warmup = cfg.warmup_steps(None) if dense_steps is None else dense_steps
         if last_refresh is None or step < last_refresh:
             return True
         if step == last_refresh:  # called again in the refresh step: reuse what it cached
             return False
-        return step - last_refresh >= cfg.refresh_interval or (step - cfg.dense_steps) % cfg.refresh_interval == 0
+        return step - last_refresh >= cfg.refresh_interval or (step - warmup) % cfg.refresh_interval == 0
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, ctx: StepContext, kernel: Kernel
@@ -221,7 +224,7 @@ class Rettention(Method):
             res.shape != (*q.shape[:-1], v.shape[-1]) or res.dtype != q.dtype or res.device != q.device
         ):
             entry = None
-        if self.refresh_due(ctx.step, None if entry is None else entry.step):
+        if self.refresh_due(ctx.step, None if entry is None else entry.step, self.warmup(ctx)):
             out, state.entries[slot] = self._refresh(q, k, v, plan, ctx.step, kernel)
             return out
         sparse, _ = kernel(q, k, v, plan, False)
@@ -236,7 +239,7 @@ class Rettention(Method):
     ) -> tuple[torch.Tensor, _Entry]:
         """Dense and sparse attention of one call; ``rho = exp(L_s - L)``, ``R = O - rho · S``."""
         full, lse_full = kernel(q, k, v, self.full_plan(q.shape[-2], q.device), True)
-        sparse, lse_sparse = kernel(q, k, v, plan, True)
+        sparse, lse_sparse = kernel(q, k, v, plan, True, aux_work=True)  # statistics for the next steps
         if lse_full is None or lse_sparse is None:
             raise RuntimeError("rettention: the kernel returned no LSE on a refresh step (return_lse=True)")
         # rows with no key at all (LSE -inf on both sides) get rho = 0 and R = O

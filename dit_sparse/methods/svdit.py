@@ -77,7 +77,7 @@ class SvditConfig(MethodConfig):
         dense_steps, dense_layers: default 0 (the search decides per head).
     """
 
-    config: str | None = None
+    config: str | Path | None = None
     diag_window: float = 1.0
     multi_window: float = 1.0
     stripe_frames: int = 1

@@ -33,11 +33,9 @@ class WindowConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "tile", tuple(int(x) for x in self.tile))
-        object.__setattr__(self, "window", tuple(int(x) for x in self.window))
-        if len(self.tile) != 3 or min(self.tile) < 1:
+        if min(self.tile) < 1:
             raise ValueError(f"WindowConfig.tile must be three sizes >= 1, got {self.tile}")
-        if len(self.window) != 3 or min(self.window) < 0:
+        if min(self.window) < 0:
             raise ValueError(f"WindowConfig.window must be three half-widths >= 0, got {self.window}")
         if math.prod(self.tile) != self.block_size:
             raise ValueError(
