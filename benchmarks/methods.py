@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ctx = StepContext(40, None, "cond", "blocks.0.attn1", 0, layout)
                 plans: list = []
 
-                def kernel(q_, k_, v_, plan, return_lse=False, backend=backend, plans=plans):
+                def kernel(q_, k_, v_, plan, return_lse=False, aux_work=False, backend=backend, plans=plans):
                     plans.append((plan, q_.shape[1]))
                     res = block_sparse_attention(q_, k_, v_, plan, return_lse=return_lse, backend=backend)
                     return res if return_lse else (res, None)

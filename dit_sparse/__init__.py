@@ -2,7 +2,19 @@
 
 from dit_sparse.api import SparseReport, apply, remove, report
 from dit_sparse.layout import TokenLayout
-from dit_sparse.methods import Method, MethodConfig, available_methods, get_method, register
+from dit_sparse.methods import (
+    AdaSpaConfig,
+    DraftConfig,
+    Method,
+    MethodConfig,
+    RadialConfig,
+    RettentionConfig,
+    SvditConfig,
+    WindowConfig,
+    available_methods,
+    get_method,
+    register,
+)
 from dit_sparse.plan import HEAD_DENSE, HEAD_PLANNED, HEAD_SKIP, BlockPlan
 from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor
 from dit_sparse.search import search  # the function; `from dit_sparse.search import add_cli` still reaches the module
@@ -11,6 +23,12 @@ from dit_sparse.state import StepContext
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaSpaConfig",
+    "DraftConfig",
+    "RadialConfig",
+    "RettentionConfig",
+    "SvditConfig",
+    "WindowConfig",
     "HEAD_DENSE",
     "HEAD_PLANNED",
     "HEAD_SKIP",

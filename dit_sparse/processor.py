@@ -12,7 +12,7 @@ both work: Dynamo traces the native processor (projections, norms, RoPE are comp
 the graph only at the self-attention call, which runs eagerly (:func:`_attend_eager`: the method, the kernel, the
 per-step state). Nothing per-step is read in traced code, so steps never recompile; the transformer's hooks run
 eagerly. With ``torch.compile`` of the whole transformer the Diffusers way (``set_attn_processor``) needs
-``dit_sparse.apply`` or one eager forward first (global module hooks are not traced).
+``dit_sparse.apply`` or one eager forward first (the first-sighting hooks of :mod:`dit_sparse.finder` are not traced).
 """
 
 from __future__ import annotations

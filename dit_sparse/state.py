@@ -81,8 +81,8 @@ class GenerationState:
 
     A new generation starts (the cache is cleared) after :meth:`reset` (Diffusers resets stateful hooks after a
     pipeline call), when the input shapes change, when the timestep jumps back up, when the pipeline's step index
-    goes back, or when a named CFG pass comes again in the first step at the same timestep (a pipeline call that
-    raised in its first step never reached Diffusers' reset: the next call starts anew). The step advances when the
+    goes back, or when a named CFG pass comes again in the first step (at the same step index or timestep: a pipeline
+    call that raised in its first step never reached Diffusers' reset, so the next call starts anew). The step advances when the
     timestep (or the pipeline's step index) changes, or when a named pass comes again in a later step (schedulers
     that repeat a timestep); further calls at the same step are further CFG passes, named by the pipeline's cache
     context (``"cond"``, ``"uncond"``, ``"cond_uncond"``) or ``"pass<i>"`` (the i-th call of the step) when the
@@ -113,15 +113,15 @@ class GenerationState:
         self, timestep: float | None, shape_key: Any, context_name: str | None = None, step_index: int | None = None
     ) -> None:
         """Account for one transformer forward (``generation`` counts up when it starts a new generation)."""
-        repeated = step_index is None and context_name is not None and context_name in self.step_passes
-        same_t = timestep is not None and timestep == self.timestep
+        repeated = context_name is not None and context_name in self.step_passes
+        same_step = step_index == self.step if step_index is not None else timestep == self.timestep
         new = self.fresh or shape_key != self.shape_key
         if not new and step_index is not None and self.step >= 0 and step_index < self.step:
             new = True
         if not new and timestep is not None and self.timestep is not None and timestep > self.timestep:
             new = True
-        if not new and repeated and same_t and self.steps_seen == 1:
-            new = True
+        if not new and repeated and same_step and self.steps_seen == 1:
+            new = True  # the first step again: a call that raised in its first step never reached the reset
         if new:
             self.generation += 1
             self.step, self.timestep, self.pass_index, self.steps_seen = -1, None, 0, 0
@@ -134,6 +134,7 @@ class GenerationState:
             step = step_index
         else:
             new_step = self.step < 0 or timestep is None or timestep != self.timestep or (repeated and not new)
+            # a named pass again at the same timestep after the first step: a scheduler that repeats timesteps
             step = self.step + 1 if new_step else self.step
         if new_step:
             self.steps_seen += 1

@@ -1,7 +1,9 @@
-"""Sparse-attention methods, registered by name (the names are the public API)."""
+"""Sparse-attention methods, registered by name (the names are the public API), with their config classes."""
 
 from dit_sparse.methods import adaspa, dense, draft, radial, rettention, svdit, window  # noqa: F401  (registration)
+from dit_sparse.methods.adaspa import AdaSpaConfig
 from dit_sparse.methods.base import (
+    METHODS,
     Method,
     MethodConfig,
     available_methods,
@@ -9,16 +11,32 @@ from dit_sparse.methods.base import (
     make_config,
     method_class,
     parse_method_spec,
+    parse_value,
     register,
+    split_method_spec,
 )
+from dit_sparse.methods.draft import DraftConfig
+from dit_sparse.methods.radial import RadialConfig
+from dit_sparse.methods.rettention import RettentionConfig
+from dit_sparse.methods.svdit import SvditConfig
+from dit_sparse.methods.window import WindowConfig
 
 __all__ = [
+    "METHODS",
+    "AdaSpaConfig",
+    "DraftConfig",
     "Method",
     "MethodConfig",
+    "RadialConfig",
+    "RettentionConfig",
+    "SvditConfig",
+    "WindowConfig",
     "available_methods",
     "get_method",
     "make_config",
     "method_class",
     "parse_method_spec",
+    "parse_value",
     "register",
+    "split_method_spec",
 ]
