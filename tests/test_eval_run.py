@@ -226,11 +226,11 @@ def test_run_on_embedded_model_when_present(tmp_path: Path) -> None:
 
 def test_results_survive_a_cut_line(tmp_path: Path) -> None:
     """A crash mid-write leaves a partial last line: the finished rows load, the cut one is redone."""
-    from dit_sparse.eval.run import _append_row, _load_rows
+    from dit_sparse.eval.store import append_row, load_rows
 
     path = tmp_path / "results.jsonl"
-    _append_row(path, {"label": "a", "psnr": math.inf})
+    append_row(path, {"label": "a", "psnr": math.inf})
     with path.open("a") as f:
         f.write('{"label": "b", "ps')
-    rows = _load_rows(path)
+    rows = load_rows(path, warn=lambda message: None)
     assert rows == [{"label": "a", "psnr": "inf"}]
