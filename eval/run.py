@@ -29,7 +29,6 @@ The pieces: :mod:`~dit_sparse.eval.settings` (settings, model, prompts, argument
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -41,16 +40,16 @@ from dit_sparse.eval.generation import Generation, fingerprint, generate
 from dit_sparse.eval.metrics import LPIPS, caption_ok, psnr, ssim
 from dit_sparse.eval.report import fmt, format_table, plot_pareto, summarize, write_csv
 from dit_sparse.eval.settings import (
-    BUILTIN_PROMPTS,
     Settings,
     check_backend,
     check_device,
     check_dtype,
     check_error_sample,
+    check_folder,
+    check_positive,
     check_seeds,
     complete_settings,
     default_device,
-    default_model_path,
     default_value,
     is_embedded_model,
     load_pipeline,
@@ -58,7 +57,7 @@ from dit_sparse.eval.settings import (
     resolve_model_path,
     resolve_settings,
 )
-from dit_sparse.eval.specs import MethodSpec, parse_methods, split_method_list
+from dit_sparse.eval.specs import MethodSpec, parse_methods
 from dit_sparse.eval.store import (
     DenseCache,
     RunFolderBusy,
@@ -74,19 +73,11 @@ from dit_sparse.eval.store import (
 from dit_sparse.eval.video import side_by_side, write_video
 from dit_sparse.files import environment
 
+# what the command line (dit_sparse/cli.py) takes from here, beside run
 __all__ = [
-    "BUILTIN_PROMPTS",
-    "DenseCache",
-    "Generation",
-    "MethodSpec",
     "RunFolderBusy",
-    "Settings",
-    "caption_ok",
     "complete_settings",
-    "default_device",
-    "default_model_path",
     "default_value",
-    "format_table",
     "generate",
     "is_embedded_model",
     "load_pipeline",
@@ -95,8 +86,6 @@ __all__ = [
     "resolve_model_path",
     "resolve_settings",
     "run",
-    "split_method_list",
-    "summarize",
 ]
 
 
@@ -178,8 +167,9 @@ def run(
     prompt_list = read_prompts(prompts)
     seed_list = check_seeds(seeds)
     error_sample = check_error_sample(error_sample)
-    if isinstance(amplify, bool) or not isinstance(amplify, int | float) or not math.isfinite(amplify) or amplify <= 0:
-        raise ValueError(f"amplify must be a finite number > 0, got {amplify!r}")
+    check_positive("amplify", amplify)
+    if not isinstance(lpips, LPIPS | bool):
+        raise ValueError(f"lpips must be True, False or an LPIPS instance, got {lpips!r}")
     settings = resolve_settings(
         steps,
         frames,
@@ -201,8 +191,9 @@ def run(
         check_dtype(dtype)
         device = check_device(device) or default_device()
         check_backend(backend, device)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {str(out)!r} is a file; give a folder")
+    check_folder("output folder", out)
+    if cache_dir is not None:
+        check_folder("cache_dir", Path(cache_dir))
 
     with RunLock(out):
         pipe = model if built else load_pipeline(path, device=device, dtype=dtype)

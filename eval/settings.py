@@ -24,6 +24,8 @@ __all__ = [
     "check_device",
     "check_dtype",
     "check_error_sample",
+    "check_folder",
+    "check_positive",
     "check_seeds",
     "complete_settings",
     "default_device",
@@ -239,6 +241,22 @@ def check_error_sample(error_sample: Any) -> int:
             f"got {error_sample!r}"
         )
     return int(error_sample)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a finite number > 0; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_folder(name: str, path: Path) -> None:
+    """A ValueError unless ``path`` is a folder or can be made one (nothing on its way is a file)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{name} {str(path)!r}: {str(p)!r} is a file, not a folder; give another path")
+            return
 
 
 def load_pipeline(model: str | Path | None = None, *, device: str | None = None, dtype: Any = None) -> Any:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from dit_sparse.eval.run import MethodSpec, RunFolderBusy, run
+from dit_sparse.eval.run import RunFolderBusy, run
+from dit_sparse.eval.specs import MethodSpec
 from dit_sparse.eval.store import RunLock
 
 GEN = {"steps": 2, "frames": 9, "height": 64, "width": 64, "guidance": 5.0, "max_sequence_length": 16}
@@ -141,12 +142,17 @@ def model_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({"amplify": 0}, "amplify must be a finite number > 0"),
         ({"prompts": []}, "no prompts given"),
         ({"prompts": ["  "]}, "a prompt is empty"),
+        ({"lpips": "yes"}, "lpips must be True, False or an LPIPS instance"),
+        ({"out": "FILE/o"}, "is a file, not a folder"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(
     tmp_path: Path, model_folder: Path, bad: dict[str, Any], message: str
 ) -> None:
+    (tmp_path / "FILE").write_text("")
     args = {"model": model_folder, "methods": ["dense"], "prompts": PROMPT, "seeds": [0], "out": tmp_path / "o"}
+    if "out" in bad:
+        bad = {"out": tmp_path / bad["out"]}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         run(**{**args, **bad}, progress=False)
     assert not (tmp_path / "o").exists()

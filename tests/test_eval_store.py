@@ -111,7 +111,11 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path: Path) -> None:
             RunLock(tmp_path).__enter__()
         assert "\n" not in str(e.value)
         other = subprocess.run(  # another process: flock is per open file, so this is the real case
-            [sys.executable, "-c", f"from dit_sparse.eval.store import RunLock; RunLock({str(tmp_path)!r}).__enter__()"],
+            [
+                sys.executable,
+                "-c",
+                f"from dit_sparse.eval.store import RunLock; RunLock({str(tmp_path)!r}).__enter__()",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
