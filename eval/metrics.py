@@ -1,5 +1,7 @@
 """Video quality metrics against a dense reference: PSNR, SSIM (own torch implementation) and LPIPS.
 
+``caption_ok`` is the embedded model's own check: does the video show each named colour moving as the prompt says.
+
 Videos are ``(T, H, W, C)`` arrays or tensors: ``uint8`` in [0, 255] or floats in [0, 1] (what Diffusers
 pipelines return with ``output_type="np"``; a leading batch dimension of 1 is dropped). Every metric is computed
 over all frames of a video and returned as one float.
@@ -19,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dit_sparse.train.captions import check_video, parse_caption
+
 VideoLike = Any  # np.ndarray | torch.Tensor | list of frames
 
-__all__ = ["LPIPS", "as_video", "psnr", "ssim", "gaussian_window"]
+__all__ = ["LPIPS", "as_video", "caption_ok", "psnr", "ssim", "gaussian_window"]
 
 
 def as_video(video: VideoLike) -> torch.Tensor:
@@ -187,3 +191,12 @@ class LPIPS:
             total += float(d.sum().item())
             count += xa.shape[0]
         return total / count
+
+
+def caption_ok(video: np.ndarray, prompt: str) -> bool | None:
+    """The embedded model's caption check on one generated video (``dit_sparse.train.captions``): does it show
+    each colour named in ``prompt`` moving in the named direction? None when the prompt names no object."""
+    if not parse_caption(prompt):
+        return None
+    frames = video.astype(np.float32) / 255.0 if video.dtype == np.uint8 else video
+    return check_video(frames, prompt).ok

@@ -13,16 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dit_sparse.eval.run import (
-    DenseCache,
-    MethodSpec,
-    caption_ok,
-    format_table,
-    parse_methods,
-    read_prompts,
-    split_method_list,
-    summarize,
-)
+from dit_sparse.eval.metrics import caption_ok
+from dit_sparse.eval.report import format_table, summarize
+from dit_sparse.eval.settings import read_prompts
+from dit_sparse.eval.specs import MethodSpec, parse_methods, split_method_list
+from dit_sparse.eval.store import DenseCache
 
 SMALL = {"tile": (1, 2, 2), "block_size": 4, "min_seq_len": 0}  # 64×64×9 frames → 3×4×4 = 48 video tokens
 GEN = {"steps": 2, "frames": 9, "height": 64, "width": 64, "guidance": 5.0, "max_sequence_length": 16}
@@ -199,7 +194,8 @@ def test_run_writes_everything_and_resumes(tmp_path: Path, tiny_pipe, capsys: py
 
 def test_run_on_embedded_model_when_present(tmp_path: Path) -> None:
     """The embedded tiny model (assets/tiny-t2v) through the default path: no --model, its defaults, fewer steps."""
-    from dit_sparse.eval.run import default_model_path, run
+    from dit_sparse.eval.run import run
+    from dit_sparse.eval.settings import default_model_path
 
     path = default_model_path()
     if path is None or not (path / "model_index.json").is_file():
@@ -226,11 +222,11 @@ def test_run_on_embedded_model_when_present(tmp_path: Path) -> None:
 
 def test_results_survive_a_cut_line(tmp_path: Path) -> None:
     """A crash mid-write leaves a partial last line: the finished rows load, the cut one is redone."""
-    from dit_sparse.eval.run import _append_row, _load_rows
+    from dit_sparse.eval.store import append_row, load_rows
 
     path = tmp_path / "results.jsonl"
-    _append_row(path, {"label": "a", "psnr": math.inf})
+    append_row(path, {"label": "a", "psnr": math.inf})
     with path.open("a") as f:
         f.write('{"label": "b", "ps')
-    rows = _load_rows(path)
+    rows = load_rows(path, warn=lambda message: None)
     assert rows == [{"label": "a", "psnr": "inf"}]
