@@ -44,7 +44,13 @@ class Recorder:
 
 def test_config_defaults_are_the_papers_and_bad_values_fail():
     cfg = AdaSpaConfig()
-    assert (cfg.sparsity, cfg.recall, cfg.block_size, cfg.warmup_steps(50), cfg.search_interval) == (0.8, 0.8, 64, 10, 20)
+    assert (cfg.sparsity, cfg.recall, cfg.block_size, cfg.warmup_steps(50), cfg.search_interval) == (
+        0.8,
+        0.8,
+        64,
+        10,
+        20,
+    )
     assert cfg.head_adaptive and cfg.dense_layers == 0
     for bad in (dict(sparsity=1.0), dict(sparsity=-0.2), dict(recall=1.5), dict(search_interval=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):

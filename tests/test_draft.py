@@ -36,7 +36,13 @@ def _manual(q, k, v, plan: BlockPlan) -> torch.Tensor:
 
 def test_config_defaults_are_official_and_bad_values_fail():
     cfg = DraftConfig()
-    assert (cfg.sparsity, cfg.pool, cfg.block_size, cfg.warmup_steps(50), cfg.dense_layers) == (0.75, (8, 16), 128, 15, 1)
+    assert (cfg.sparsity, cfg.pool, cfg.block_size, cfg.warmup_steps(50), cfg.dense_layers) == (
+        0.75,
+        (8, 16),
+        128,
+        15,
+        1,
+    )
     with pytest.raises(ValueError, match="pool"):
         DraftConfig(pool=(8, 8))  # 64 tokens, block 128
     with pytest.raises(ValueError, match="pool"):
