@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import dit_sparse
+from dit_sparse.cli import build_parser
 from dit_sparse.methods.svdit import load_config
+from dit_sparse.methods.svdit_search import SearchSettings, choose_modes
+from dit_sparse.offline_search import search
 from dit_sparse.plan import BlockPlan
-from dit_sparse.search import SearchSettings, add_cli, choose_modes, search
 
 BLOCK = 16
 
@@ -131,8 +132,7 @@ def test_selection_rules():
 
 
 def test_cli_registration():
-    parser = argparse.ArgumentParser(prog="dit-sparse")
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["search", "--model", "m", "--prompts", "a cat", "a dog", "--out", "c.json"])
     assert args.prompts == ["a cat", "a dog"] and args.steps == 10 and callable(args.func)
 
