@@ -318,3 +318,18 @@ def test_params_true_false_and_bench_specs_checked(
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("bench.run called with a bad spec"))
     err = _err(capsys, ["bench", "--methods", "radial:nope=1"])
     assert "--methods radial:nope=1" in err and "unknown hyper-parameter" in err
+
+
+def test_choices_come_from_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
+    from dit_sparse import available_methods, bench
+    from dit_sparse.kernels.api import BACKENDS
+    from dit_sparse.pipelines import supported_models
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in [*available_methods(), *supported_models()])
+    assert "{" + ",".join(BACKENDS) + "}" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "{" + ",".join(sorted(bench.MODELS)) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")

@@ -194,3 +194,13 @@ def test_two_expert_wan22_pipeline_gets_one_section_per_expert(tmp_path):
     assert set(state) == {"transformer", "transformer_2"} and all(s["0"]["count"] == 1 for s in state.values())
     assert load_config(out) == data
     assert not hasattr(second.attn_processors["blocks.0.attn1.processor"], "method")  # both removed
+
+
+def test_search_function_shadows_no_module():
+    """``dit_sparse.search`` is the function; the modules have their own names (no module hidden behind it)."""
+    import importlib.util
+
+    from dit_sparse.methods.svdit_search import SvditSearch
+
+    assert dit_sparse.search is search and importlib.util.find_spec("dit_sparse.search") is None
+    assert SvditSearch.__module__ == "dit_sparse.methods.svdit_search"
