@@ -55,7 +55,9 @@ def check_model_folder(model: str | None, supported: Iterable[str]) -> Path:
     try:
         path = resolve_model_path(model)
     except FileNotFoundError as exc:
-        raise CLIError(f"{exc}; dit-sparse loads local files only (download a hub model first, e.g. `hf download`)") from None
+        raise CLIError(
+            f"{exc}; dit-sparse loads local files only (download a hub model first, e.g. `hf download`)"
+        ) from None
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
