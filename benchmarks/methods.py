@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,11 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dit_sparse.files import atomic_write_json, environment
 from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import get_method
 from dit_sparse.methods.svdit import save_config
 from dit_sparse.state import StepContext
+from dit_sparse.timing import Timer, median_ms
 
 SHAPES = {"wan2.1-1.3b-480p": (21, 30, 52), "wan2.1-1.3b-720p": (21, 45, 80)}
 DRY_RUN_SHAPES = {"dry-run": (3, 4, 6)}
@@ -147,26 +146,6 @@ def rettention_cycle_row(rows: list[dict[str, Any]], cycle: int = 5) -> dict[str
                 speedup=dense_ms / mix("ms"))  # fmt: skip
 
 
-def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if not args.dry_run else "cpu")
     dtype = torch.bfloat16 if not args.dry_run else torch.float32
@@ -176,13 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backends = ["reference"] if args.dry_run else args.backends.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="dit-sparse-methods-"))  # svdit configs of this run (scratch)
     results: dict[str, Any] = {
+        **environment(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "diffusers": _version("diffusers"),
-        "python": platform.python_version(),
         "batch": 1,
         "heads": heads,
         "head_dim": head_dim,
@@ -196,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n = layout.seq_len
         qkv = [torch.randn(1, n, heads, head_dim, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3)]
         q, k, v = qkv
-        dense_ms = timed(partial(F.scaled_dot_product_attention, q, k, v), args.repeats, args.warmup, device)
+        dense_ms = median_ms(partial(F.scaled_dot_product_attention, q, k, v), device, args.repeats, args.warmup)
         ref = F.scaled_dot_product_attention(q, k, v).float()
         results["rows"].append(dict(shape=shape_name, tokens=n, method="dense SDPA", backend="sdpa", density=1.0,
                                     ms=dense_ms, speedup=1.0, plan_ms=0.0, rel_l2=0.0))  # fmt: skip
@@ -214,11 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     res = block_sparse_attention(q_, k_, v_, plan, return_lse=return_lse, backend=backend)
                     return res if return_lse else (res, None)
 
-                t0 = time.perf_counter()
+                timer, start = Timer(), Timer.start(device)
                 out = method.attend(q, k, v, layout, ctx, kernel)  # builds and caches the plan(s)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                plan_ms = (time.perf_counter() - t0) * 1e3
+                timer.stop(start)
+                plan_ms = timer.total()
                 call = partial(method.attend, q, k, v, layout, ctx, kernel)
                 if name == "rettention":  # its cost depends on the step: measure and time the steps after the first
                     call = partial(_next_step, call, ctx)
@@ -231,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 density = sum(p.density() * hp for p, hp in plans) / heads  # skipped heads count 0
                 launches = len(plans)
                 rel = float((out.float() - ref).norm() / ref.norm())
-                ms = timed(call, args.repeats, args.warmup, device)
+                ms = median_ms(call, device, args.repeats, args.warmup)
                 row = dict(shape=shape_name, tokens=n, method=label, backend=backend, density=density, ms=ms,
                            speedup=dense_ms / ms, plan_ms=plan_ms, rel_l2=rel, launches=launches)  # fmt: skip
                 results["rows"].append(row)
@@ -252,13 +227,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"x{row['speedup']:5.2f}  (mean step of its refresh cycle)", flush=True)  # fmt: skip
     shutil.rmtree(tmp, ignore_errors=True)
     return results
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -301,7 +269,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods-{'dry-run-' if args.dry_run else ''}{dt.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(stem.with_suffix(".json"), results)
     write_markdown(results, stem.with_suffix(".md"))
     print(f"wrote {stem}.json and {stem}.md")
 

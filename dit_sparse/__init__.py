@@ -15,9 +15,9 @@ from dit_sparse.methods import (
     get_method,
     register,
 )
+from dit_sparse.offline_search import search
 from dit_sparse.plan import HEAD_DENSE, HEAD_PLANNED, HEAD_SKIP, BlockPlan
 from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor
-from dit_sparse.search import search  # the function; `from dit_sparse.search import add_cli` still reaches the module
 from dit_sparse.state import StepContext
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +85,7 @@ def test_bench_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
 def test_python_dash_m_help() -> None:
     res = subprocess.run([sys.executable, "-m", "dit_sparse", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "generate" in res.stdout and "eval" in res.stdout and "bench" in res.stdout
-    search = importlib.util.find_spec("dit_sparse.search")
-    if search is not None:  # registered by dit_sparse.search.add_cli
-        assert "search" in res.stdout
+    assert "search" in res.stdout
 
 
 def test_generate_writes_and_refuses_overwrite(
@@ -185,9 +183,8 @@ def test_eval_cli_on_tiny_model(tiny_model: Path, tmp_path: Path, capsys: pytest
 
 
 def test_bench_delegates_to_bench_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    bench = pytest.importorskip("dit_sparse.bench")
-    if not hasattr(bench, "run"):
-        pytest.skip("dit_sparse.bench.run is not there")
+    from dit_sparse import bench
+
     seen: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run", lambda *a, **k: seen.append(a))
@@ -197,3 +194,142 @@ def test_bench_delegates_to_bench_run(monkeypatch: pytest.MonkeyPatch, tmp_path:
     models, shapes, methods, repeats, out, command = seen[0]
     assert methods == ["window", "radial:decay=0.2"] and repeats == 3 and out == str(tmp_path / "b")
     assert command.startswith("dit-sparse ")
+
+
+# ------------------------------------------------------------------------------------------------ checked up front
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a pipeline fails the test: every check below must come before it."""
+    run_mod = importlib.import_module("dit_sparse.eval.run")  # the module (`dit_sparse.eval.run` is also a function)
+
+    def load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the arguments were checked")
+
+    monkeypatch.setattr(run_mod, "load_pipeline", load)
+
+
+def test_output_path_checked_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_loading: None
+) -> None:
+    gen = ["generate", "a red circle", "--method", "window", *TINY_ARGS, "--out"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    err = _err(capsys, [*gen, str(a_file / "v.mp4")])
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    err = _err(capsys, [*gen, "/proc/no-such-folder/v.mp4"])
+    assert "cannot write in" in err
+    err = _err(capsys, [*gen, str(tmp_path / "v.avi")])
+    assert "must end in .mp4 or .gif" in err
+    (tmp_path / "dir.mp4").mkdir()
+    err = _err(capsys, [*gen, str(tmp_path / "dir.mp4")])
+    assert "is a folder" in err
+    existing = tmp_path / "old.gif"
+    existing.write_bytes(b"GIF89a")
+    err = _err(capsys, [*gen, str(existing)])
+    assert "exists; pass --force" in err and existing.read_bytes() == b"GIF89a"
+    err = _err(capsys, [*gen, str(tmp_path / "new" / "sub" / "v.gif"), "--model", str(tmp_path / "nope")])
+    assert "does not exist" in err and (tmp_path / "new" / "sub").is_dir()  # parents made, then the model refused
+
+
+def test_output_verified_after_writing(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video_mod = sys.modules["dit_sparse.eval.video"]
+    out = tmp_path / "v.gif"
+    monkeypatch.setattr(video_mod, "write_video", lambda path, video, fps: (Path(path), ""))  # writes nothing
+    argv = ["generate", "x", "--method", "none", "--model", str(tiny_model), "--out", str(out), "--quiet", *TINY_ARGS]
+    err = _err(capsys, argv)
+    assert "was not written" in err and str(out) in err
+
+    def broken(path, video, fps):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(video_mod, "write_video", broken)
+    err = _err(capsys, argv)
+    assert "could not write the video" in err and "Traceback" not in err
+
+
+def test_device_backend_dtype_model_checked_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_loading: None
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        err = _err(
+            capsys, ["generate", "x", "--method", "window", "--backend", "triton", "--out", str(tmp_path / "v.gif")]
+        )
+        assert "--backend triton" in err and "CUDA" in err
+        err = _err(
+            capsys, ["generate", "x", "--method", "window", "--device", "cuda", "--out", str(tmp_path / "v.gif")]
+        )
+        assert "no CUDA device" in err
+    err = _err(capsys, ["generate", "x", "--method", "window", "--device", "gpu0", "--out", str(tmp_path / "v.gif")])
+    assert "is not a device" in err
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--model", str(tmp_path), "--prompts", "a", "--out", str(tmp_path / "c.json"), "--dtype", "x"])
+    assert e.value.code == 2 and "invalid choice: 'x'" in capsys.readouterr().err
+    err = _err(
+        capsys, ["search", "--model", str(tmp_path / "hub/id"), "--prompts", "a", "--out", str(tmp_path / "c.json")]
+    )
+    assert "does not exist" in err and "local files only" in err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--methods", "window", "--error-sample", "-1"])
+    assert e.value.code == 2 and "must be >= 0" in capsys.readouterr().err
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}'
+    )
+    err = _err(
+        capsys, ["generate", "x", "--method", "window", "--model", str(tmp_path), "--out", str(tmp_path / "v.gif")]
+    )
+    assert "FluxTransformer2DModel" in err and "WanTransformer3DModel" in err
+
+
+def test_run_size_estimate_refuses_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_loading: None
+) -> None:
+    big = ["generate", "x", "--method", "window", "--device", "cpu", "--frames", "241", "--height", "1024", "--width",
+           "1024", "--out", str(tmp_path / "v.gif")]  # fmt: skip
+    err = _err(capsys, big)
+    assert "999,424 video tokens per attention call (61x128x128)" in err  # (241 - 1) / 4 + 1 frames, 1024 / 8
+    assert "does not fit" in err and "fewer --frames" in err and "a GPU" in err and err.count("\n") == 1
+    with pytest.raises(AssertionError, match="loaded"):  # the override lets it through to the loading
+        main([*big, "--ignore-estimate"])
+    import dit_sparse.estimate as estimate
+
+    monkeypatch.setattr(estimate, "available_memory", lambda device: 2**50)
+    err = _err(capsys, [*big, "--method", "none"])  # memory fits, time does not
+    assert "would take very long" in err and "at least" in err
+    monkeypatch.setattr(estimate, "available_memory", lambda device: 2**20)
+    err = _err(capsys, ["generate", "x", "--method", "window", "--device", "cpu", "--out", str(tmp_path / "w.gif")])
+    assert "does not fit" in err and "0.0 GiB available" in err
+
+
+def test_params_true_false_and_bench_specs_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dit_sparse import bench
+    from dit_sparse.cli import parse_params
+
+    assert parse_params(["a=true", "b=FALSE", "c=True", "d=1,2", "e=text"]) == {
+        "a": True, "b": False, "c": True, "d": (1, 2), "e": "text"
+    }  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("bench.run called with a bad spec"))
+    err = _err(capsys, ["bench", "--methods", "radial:nope=1"])
+    assert "--methods radial:nope=1" in err and "unknown hyper-parameter" in err
+
+
+def test_choices_come_from_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
+    from dit_sparse import available_methods, bench
+    from dit_sparse.kernels.api import BACKENDS
+    from dit_sparse.pipelines import supported_models
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in [*available_methods(), *supported_models()])
+    assert "{" + ",".join(BACKENDS) + "}" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "{" + ",".join(sorted(bench.MODELS)) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import dit_sparse
+from dit_sparse.cli import build_parser
 from dit_sparse.methods.svdit import load_config
+from dit_sparse.methods.svdit_search import SearchSettings, choose_modes
+from dit_sparse.offline_search import search
 from dit_sparse.plan import BlockPlan
-from dit_sparse.search import SearchSettings, add_cli, choose_modes, search
 
 BLOCK = 16
 
@@ -131,8 +132,7 @@ def test_selection_rules():
 
 
 def test_cli_registration():
-    parser = argparse.ArgumentParser(prog="dit-sparse")
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["search", "--model", "m", "--prompts", "a cat", "a dog", "--out", "c.json"])
     assert args.prompts == ["a cat", "a dog"] and args.steps == 10 and callable(args.func)
 
@@ -168,3 +168,39 @@ def test_search_paper_rule_feeding_chosen_outputs(pipe, tmp_path):
     assert data["complete"] and data["search"]["feed"] == "chosen"
     assert {m for modes in data["layers"].values() for m in modes} <= {"dense", "diagonal", "skip"}
     assert all(0.0 <= d <= 1.0 for d in data["density"].values())
+
+
+def test_two_expert_wan22_pipeline_gets_one_section_per_expert(tmp_path):
+    """Wan 2.2 (transformer + transformer_2, boundary_ratio): each expert's layers are searched and written apart."""
+    from diffusers import WanTransformer3DModel
+
+    from dit_sparse.methods.svdit import config_fingerprint
+    from tests.tiny_dit import wan, wan_pipeline
+
+    first, _ = wan()
+    torch.manual_seed(1)
+    second = WanTransformer3DModel(**first.config).eval()  # same architecture, other weights
+    # 2 steps at shift 7: timesteps 1000 (>= 0.9 * 1000: transformer) and 875 (transformer_2)
+    pipe = wan_pipeline(first, transformer_2=second, boundary_ratio=0.9)
+    out = tmp_path / "wan22.json"
+    data = search(pipe, _prompts(1), out, steps=2, settings=SearchSettings(error_budget=0.6), block_size=BLOCK,
+                  progress=False, **CALL)  # fmt: skip
+    assert "layers" not in data and set(data["transformers"]) == {"transformer", "transformer_2"}
+    one, two = data["transformers"]["transformer"], data["transformers"]["transformer_2"]
+    assert set(one["layers"]) == set(two["layers"]) == {"0", "1"} and one["num_layers"] == two["num_layers"] == 2
+    assert one["errors"]["0"]["mse"] != two["errors"]["0"]["mse"]  # measured on each expert, not shared
+    assert one["model"]["fingerprint"] == two["model"]["fingerprint"] == config_fingerprint(first)
+    state = data["search"]["state"]["stats"]
+    assert set(state) == {"transformer", "transformer_2"} and all(s["0"]["count"] == 1 for s in state.values())
+    assert load_config(out) == data
+    assert not hasattr(second.attn_processors["blocks.0.attn1.processor"], "method")  # both removed
+
+
+def test_search_function_shadows_no_module():
+    """``dit_sparse.search`` is the function; the modules have their own names (no module hidden behind it)."""
+    import importlib.util
+
+    from dit_sparse.methods.svdit_search import SvditSearch
+
+    assert dit_sparse.search is search and importlib.util.find_spec("dit_sparse.search") is None
+    assert SvditSearch.__module__ == "dit_sparse.methods.svdit_search"

@@ -235,3 +235,64 @@ def test_report_density_weights_each_launch_by_its_heads(tmp_path):
         dens = [build_group_plan([mode], layout, 16, **geo).density() for mode in modes]
         expected.append(sum(dens) / len(dens))
     assert rep.density == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+
+def _attend_in(method, x, layout, transformer, layer=0):
+    ctx = StepContext(0, None, "cond", f"blocks.{layer}.attn1", layer, layout, transformer=transformer)
+    return method.attend(x, x, x, layout, ctx, lambda q_, k_, v_, plan, lse=False: (
+        block_sparse_attention(q_, k_, v_, plan, backend="reference"), None))  # fmt: skip
+
+
+def test_per_transformer_sections(tmp_path):
+    """Wan 2.2's experts: one section per pipeline component, looked up by the call's (transformer, layer index)."""
+    sections = {"transformer": {"heads": 2, "num_layers": 1, "layers": {"0": ["diagonal", "dense"]}},
+                "transformer_2": {"heads": 2, "num_layers": 1, "layers": {"0": ["skip", "skip"]}}}  # fmt: skip
+    path = tmp_path / "experts.json"
+    save_config({"format": "dit-sparse/svdit", "version": 2, "transformers": sections, "params": {"block_size": 8}},
+                path)  # fmt: skip
+    method = get_method("svdit", config=str(path))
+    assert method.layer_modes(0, 2, "transformer_2") == ["skip", "skip"]
+    assert method.layer_modes(0, 2) == ["diagonal", "dense"]
+    layout = TokenLayout(T, H, W)
+    x = torch.randn(1, 2, layout.seq_len, 4)
+    assert bool((_attend_in(method, x, layout, "transformer_2") == 0).all())
+    assert bool((_attend_in(method, x, layout, "transformer").abs().sum((0, 2, 3)) > 0).all())  # cached apart
+    assert method.describe()["modes"] == {"diagonal": 1, "dense": 1, "skip": 2}
+    # a single-transformer file (every version-1 file) is the section of "transformer"
+    single = get_method("svdit", config=str(_write(tmp_path, {"0": ["skip", "skip"]})), block_size=8)
+    assert single.layer_modes(0, 2) == ["skip", "skip"]
+    with pytest.raises(SvditConfigError, match="no section for 'transformer_2'"):
+        single.layer_modes(0, 2, "transformer_2")
+    with pytest.raises(SvditConfigError, match="both 'layers' and per-transformer sections"):
+        save_config({"transformers": sections, "layers": {"0": ["dense"]}}, tmp_path / "x.json")
+    with pytest.raises(SvditConfigError, match=r"\(transformer_2\).*unknown mode"):
+        save_config({"transformers": {**sections, "transformer_2": {"layers": {"0": ["skipp"]}}}}, tmp_path / "x.json")
+
+
+def test_recorded_layout_and_model_are_checked(tmp_path):
+    """A config records the grid, text tokens and model it was searched on; another one is refused clearly."""
+    import dit_sparse
+    from dit_sparse.methods.svdit import config_fingerprint
+    from tests.tiny_dit import cogvideox, run, wan
+
+    model, inputs = wan()  # grid 4 x 8 x 8, no text tokens
+    record = {"class": "WanTransformer3DModel", "fingerprint": config_fingerprint(model)}
+    grid = {"frames": 4, "height": 8, "width": 8, "text_len": 0, "text_where": "none"}
+    path = _write(tmp_path, {"0": ["diagonal", "dense"], "1": ["dense", "skip"]}, layout=grid, model=record)
+    method = get_method("svdit", config=str(path), block_size=16)
+    method.check_transformer("transformer", model)  # the model it was searched on
+    with pytest.raises(SvditConfigError, match="searched on a WanTransformer3DModel .* this transformer is a "
+                       "CogVideoXTransformer3DModel"):  # fmt: skip
+        method.check_transformer("transformer", cogvideox()[0])
+    other = type(model)(**{**model.config, "ffn_dim": 64})
+    with pytest.raises(SvditConfigError, match=f"fingerprint {record['fingerprint']}.*run `dit-sparse search`"):
+        method.check_transformer("transformer", other)
+    # the layout, at call time through the processor
+    dit_sparse.apply(model, "svdit", config=str(path), block_size=16, min_seq_len=0)
+    try:
+        run(model, inputs)
+        half = {**inputs, "hidden_states": inputs["hidden_states"][..., :8]}  # grid 4 x 8 x 4
+        with pytest.raises(SvditConfigError, match="searched on a 4x8x8 grid, 0 text tokens; this call has a 4x8x4"):
+            run(model, half)
+    finally:
+        dit_sparse.remove(model)

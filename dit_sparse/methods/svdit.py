@@ -24,20 +24,29 @@ token-level bands (a block pair is kept when any of its token pairs lies in the 
 Measured block density per mode (Wan2.1 81 frames, 128-blocks): 480p diagonal 0.103, multi-diagonal 0.103,
 vertical-stripe 0.051; 720p 0.097, 0.097, 0.049.
 
-Configuration: a JSON file (one per model family, resolution and frame count) written by ``dit-sparse search``::
+Configuration: a JSON file (one per model, resolution and frame count) written by ``dit-sparse search``::
 
-    {"format": "dit-sparse/svdit", "version": 1, "heads": 12, "num_layers": 30,
+    {"format": "dit-sparse/svdit", "version": 2, "heads": 12, "num_layers": 30,
+     "model": {"class": "WanTransformer3DModel", "pipeline": "WanPipeline", "fingerprint": "3f0c..."},
      "layout": {"frames": 21, "height": 30, "width": 52, "text_len": 0, "text_where": "none"},
      "params": {"diag_window": 1.0, "multi_window": 1.0, "stripe_frames": 1, "block_size": 128},
      "layers": {"0": ["dense", "diagonal", ...], ...}, ...}
 
 ``layers`` is keyed by the self-attention layer index; ``params`` (when present) override the config fields,
 because the search measured its errors with them. Without a file every head runs ``default_mode`` (``dense``).
+A pipeline with several transformers (Wan 2.2's experts ``transformer`` and ``transformer_2``) gets one section per
+component, each with the keys above but ``params``: ``{"transformers": {"transformer": {...}, "transformer_2":
+{...}}, "params": ...}``; a file without ``transformers`` (every version-1 file) is the section of ``transformer``.
+``model`` (class and :func:`config_fingerprint`) and ``layout`` record what the search ran on; where present they
+are checked against the transformer (:meth:`Svdit.check_transformer`) and each call's layout, with a clear error on a
+mismatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import warnings
@@ -46,7 +55,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from dit_sparse.files import atomic_write_json
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods.base import Kernel, Method, MethodConfig, register
 from dit_sparse.plan import HEAD_DENSE, HEAD_PLANNED, HEAD_SKIP, BlockPlan, add_text
@@ -195,6 +206,30 @@ def modes_density(
 
 
 # ---------------------------------------------------------------------------------------------- config files
+def config_fingerprint(model: nn.Module) -> str:
+    """A short hash of a transformer's Diffusers config (its architecture; private ``_`` keys left out)."""
+    config = {k: v for k, v in dict(getattr(model, "config", {})).items() if not str(k).startswith("_")}
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def layout_record(layout: TokenLayout) -> dict[str, Any]:
+    """The part of a layout a configuration is searched for: the latent grid and the text tokens."""
+    return {
+        "frames": layout.frames,
+        "height": layout.height,
+        "width": layout.width,
+        "text_len": layout.text_len,
+        "text_where": layout.text_where,
+    }
+
+
+def config_sections(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per pipeline component, its section of a configuration: ``data["transformers"]``, or ``{"transformer": data}``
+    for a single-transformer file."""
+    sections = data.get("transformers")
+    return dict(sections) if sections is not None else {"transformer": data}
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a Sparse-vDiT JSON configuration; raises :class:`SvditConfigError` with the reason."""
     path = Path(path)
@@ -216,13 +251,29 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def validate_config(data: Any, source: str = "<config>") -> None:
-    """Check the structure of a configuration (modes, head counts, layer coverage)."""
+    """Check the structure of a configuration (sections, modes, head counts, layer coverage, params)."""
     where = f"Sparse-vDiT config {source!r}"
     if not isinstance(data, dict):
         raise SvditConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
     fmt = data.get("format", CONFIG_FORMAT)
     if fmt != CONFIG_FORMAT:
         raise SvditConfigError(f"{where} has format {fmt!r}, expected {CONFIG_FORMAT!r}")
+    params = data.get("params", {})
+    if not isinstance(params, dict) or set(params) - set(_GEOMETRY):
+        raise SvditConfigError(f"{where}: 'params' may set only {', '.join(_GEOMETRY)}, got {params!r}")
+    sections = data.get("transformers")
+    if sections is None:
+        _validate_section(data, where)
+        return
+    if not isinstance(sections, dict) or not sections or not all(isinstance(v, dict) for v in sections.values()):
+        raise SvditConfigError(f"{where}: 'transformers' must map pipeline components to sections, got {sections!r}")
+    if "layers" in data:
+        raise SvditConfigError(f"{where} has both 'layers' and per-transformer sections: keep one of them")
+    for name, section in sections.items():
+        _validate_section(section, f"{where} ({name})")
+
+
+def _validate_section(data: dict[str, Any], where: str) -> None:
     layers = data.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise SvditConfigError(f"{where} needs a non-empty 'layers' object: {{layer index: [mode per head]}}")
@@ -251,19 +302,15 @@ def validate_config(data: Any, source: str = "<config>") -> None:
                 f"{where} covers {len(layers)} of num_layers={num_layers} layers; missing: {missing[:10]}"
                 + (" ..." if len(missing) > 10 else "")
             )
-    params = data.get("params", {})
-    if not isinstance(params, dict) or set(params) - set(_GEOMETRY):
-        raise SvditConfigError(f"{where}: 'params' may set only {', '.join(_GEOMETRY)}, got {params!r}")
+    for key in ("layout", "model"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise SvditConfigError(f"{where}: {key!r} must be an object, got {data[key]!r}")
 
 
 def save_config(data: dict[str, Any], path: str | Path) -> None:
     """Write a configuration atomically (validated first)."""
     validate_config(data, source=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -289,7 +336,36 @@ class Svdit(Method):
         self._groups: dict[tuple, list[tuple[torch.Tensor, list[int], BlockPlan]]] = {}
         self._warned = False
 
-    def layer_modes(self, layer_index: int, heads: int) -> list[str]:
+    def _where(self, transformer: str) -> str:
+        suffix = f" ({transformer})" if "transformers" in (self.file or {}) else ""
+        return f"Sparse-vDiT config {self.config.config!r}{suffix}"
+
+    def section(self, transformer: str = "transformer") -> dict[str, Any]:
+        """The configuration's section of one pipeline component (``transformer``, ``transformer_2``)."""
+        assert self.file is not None
+        sections = config_sections(self.file)
+        if transformer not in sections:
+            raise SvditConfigError(
+                f"Sparse-vDiT config {self.config.config!r} has no section for {transformer!r} (it has "
+                f"{', '.join(sections)}): it was searched for a pipeline with other transformers"
+            )
+        return sections[transformer]
+
+    def check_transformer(self, transformer: str, model: nn.Module) -> None:
+        """Refuse a transformer other than the one the configuration was searched on (its class and
+        :func:`config_fingerprint`, where the file records them)."""
+        if self.file is None:
+            return
+        recorded = self.section(transformer).get("model") or {}
+        actual = {"class": type(model).__name__, "fingerprint": config_fingerprint(model)}
+        if any(recorded.get(key) not in (None, value) for key, value in actual.items()):
+            raise SvditConfigError(
+                f"{self._where(transformer)} was searched on a {recorded.get('class')} with config fingerprint "
+                f"{recorded.get('fingerprint')}, this {transformer} is a {actual['class']} with fingerprint "
+                f"{actual['fingerprint']}: run `dit-sparse search` on this model"
+            )
+
+    def layer_modes(self, layer_index: int, heads: int, transformer: str = "transformer") -> list[str]:
         """The modes of one layer's heads, checked against the call's head count."""
         if self.file is None:
             if not self._warned:
@@ -300,22 +376,35 @@ class Svdit(Method):
                 )
                 self._warned = True
             return [self.config.default_mode] * heads
-        modes = self.file["layers"].get(str(layer_index))
+        layers = self.section(transformer)["layers"]
+        modes = layers.get(str(layer_index))
         if modes is None:
             raise SvditConfigError(
-                f"Sparse-vDiT config {self.config.config!r} has no entry for self-attention layer {layer_index} "
-                f"(it covers layers {sorted(int(k) for k in self.file['layers'])}): it was searched for another model"
+                f"{self._where(transformer)} has no entry for self-attention layer {layer_index} "
+                f"(it covers layers {sorted(int(k) for k in layers)}): it was searched for another model"
             )
         if len(modes) != heads:
             raise SvditConfigError(
-                f"Sparse-vDiT config {self.config.config!r} lists {len(modes)} heads for layer {layer_index}, the "
+                f"{self._where(transformer)} lists {len(modes)} heads for layer {layer_index}, the "
                 f"model has {heads}: it was searched for another model"
             )
         return list(modes)
 
+    def check_layout(self, layout: TokenLayout, transformer: str = "transformer") -> None:
+        """Refuse a call whose latent grid or text tokens differ from those the configuration was searched on."""
+        if self.file is None:
+            return
+        recorded, actual = self.section(transformer).get("layout"), layout_record(layout)
+        if recorded is not None and {k: recorded.get(k) for k in actual} != actual:
+            grid = lambda d: f"{d['frames']}x{d['height']}x{d['width']} grid, {d['text_len']} text tokens"  # noqa: E731
+            raise SvditConfigError(
+                f"{self._where(transformer)} was searched on a {grid(recorded)}; this call has a {grid(actual)}: "
+                "search again at this frame count and resolution (dit-sparse search --frames --height --width)"
+            )
+
     def static_key(self, layout: TokenLayout, heads: int, ctx: StepContext) -> tuple:
-        """Plans differ per layer: the layout, head count and layer index."""
-        return (*super().static_key(layout, heads, ctx), ctx.layer_index)
+        """Plans differ per layer: the layout, head count and layer (transformer, index)."""
+        return (*super().static_key(layout, heads, ctx), ctx.layer_key)
 
     def layer_plans(
         self, q: torch.Tensor, layout: TokenLayout, ctx: StepContext
@@ -325,7 +414,8 @@ class Svdit(Method):
         key = (*self.static_key(layout, heads, ctx), q.device)
         groups = self._groups.get(key)
         if groups is None:
-            modes = self.layer_modes(ctx.layer_index, heads)
+            self.check_layout(layout, ctx.transformer)
+            modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer)
             groups = []
             for idx, group in group_heads(modes):
                 plan = build_group_plan(group, layout, self.config.block_size, device=q.device, **self.geometry)
@@ -336,7 +426,8 @@ class Svdit(Method):
     def plan(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, ctx: StepContext) -> BlockPlan:
         """The layer's plan when one launch covers every head (no multi-diagonal heads, or only those)."""
         heads = q.shape[1]
-        modes = self.layer_modes(ctx.layer_index, heads)
+        self.check_layout(layout, ctx.transformer)
+        modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer)
         if len({m == "multi_diagonal" for m in modes}) > 1:
             raise ValueError(
                 f"layer {ctx.layer_index} mixes multi-diagonal and other heads: two plans (see Svdit.layer_plans)"
@@ -363,8 +454,8 @@ class Svdit(Method):
         info.update(self.geometry)
         if self.file is not None:
             counts: dict[str, int] = {}
-            for modes in self.file["layers"].values():
-                for mode in modes:
+            for section in config_sections(self.file).values():
+                for mode in itertools.chain.from_iterable(section["layers"].values()):
                     counts[mode] = counts.get(mode, 0) + 1
             info["modes"] = counts
         return info

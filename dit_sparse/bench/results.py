@@ -1,0 +1,139 @@
+"""Benchmark rows, their markdown tables and the result files (JSON + markdown)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dit_sparse.bench.models import MODELS
+from dit_sparse.files import environment
+
+
+@dataclass
+class BenchRow:
+    """One (model, shape, method) result; ``note`` says what was timed (subset of blocks, input choices)."""
+
+    model: str
+    shape: str
+    tokens: int
+    method: str
+    params: dict
+    forward_ms: float
+    forward_ms_all: list[float]
+    speedup: float
+    density: float
+    attention_share: float
+    amdahl_limit: float
+    fraction_of_limit: float
+    extra: dict = field(default_factory=dict)
+    note: str = ""
+    # the same forward with the model compiled (``compile`` != "none"; see the module docstring)
+    compile: str = "none"
+    compiled_ms: float | None = None
+    compiled_ms_all: list[float] = field(default_factory=list)
+    compiled_speedup: float | None = None  # vs the compiled dense forward
+    compiled_speedup_vs_eager: float | None = None  # vs the eager dense forward
+    compiled_attention_share: float | None = None
+    compiled_amdahl_limit: float | None = None
+    compiled_fraction_of_limit: float | None = None
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A markdown table of the rows, followed by each model's note (with compiled rows: eager and compiled figures
+    side by side, and what the compiled warm-up forwards took)."""
+    if any(r.compiled_ms is not None for r in rows):
+        return _format_compiled(rows)
+    head = "| model | shape | tokens | method | forward ms | speedup | density | attn share | Amdahl limit | of limit |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.shape} | {r.tokens} | {r.method} | {r.forward_ms:.1f} | {r.speedup:.2f}x | "
+            f"{r.density:.3f} | {r.attention_share:.2f} | {r.amdahl_limit:.2f}x | {r.fraction_of_limit:.0%} |"
+        )
+    notes = dict.fromkeys((r.model, r.note) for r in rows if r.note)
+    if notes:
+        lines += ["", *(f"- {model}: {note}" for model, note in notes)]
+    return "\n".join(lines)
+
+
+def _format_compiled(rows: list[BenchRow]) -> str:
+    head = (
+        "| model | shape | tokens | method | density | eager ms | speedup | attn share | Amdahl limit | of limit | "
+        "compiled ms | vs compiled dense | vs eager dense | compiled attn share | compiled Amdahl limit | of limit |"
+    )
+    lines = [head, "|" + "---|" * 16]
+    for r in rows:
+        eager = (
+            f"| {r.model} | {r.shape} | {r.tokens} | {r.method} | {r.density:.3f} | {r.forward_ms:.1f} | "
+            f"{r.speedup:.2f}x | {r.attention_share:.2f} | {r.amdahl_limit:.2f}x | {r.fraction_of_limit:.0%} |"
+        )
+        if r.compiled_ms is None:
+            lines.append(eager + " - | - | - | - | - | - |")
+        else:
+            lines.append(
+                f"{eager} {r.compiled_ms:.1f} | {r.compiled_speedup:.2f}x | {r.compiled_speedup_vs_eager:.2f}x | "
+                f"{r.compiled_attention_share:.2f} | {r.compiled_amdahl_limit:.2f}x | {r.compiled_fraction_of_limit:.0%} |"
+            )
+    notes = [f"- {model}: {note}" for model, note in dict.fromkeys((r.model, r.note) for r in rows if r.note)]
+    modes = sorted({r.compile for r in rows if r.compiled_ms is not None})
+    notes.append(
+        f"- compiled ({', '.join(modes)}; blocks = regional compile_repeated_blocks, full = torch.compile(transformer); "
+        "inductor, dynamic=False): dense = the model's own processors compiled; methods = dit_sparse applied, their "
+        "self-attention a graph break run eagerly. Untimed warm-up forwards absorb compilation; compiled attn share = "
+        "eager dense SDPA time / compiled dense forward"
+    )
+    for (model, shape), group in itertools.groupby(rows, key=lambda r: (r.model, r.shape)):
+        group = [r for r in group if r.compiled_ms is not None]
+        if group:
+            warm = ", ".join(
+                f"{r.method} {' + '.join(f'{s:.1f}' for s in r.extra.get('compiled_warmup_s', []))} s" for r in group
+            )
+            extra = [f"{r.method} {r.extra['compiled_graphs_while_timed']}" for r in group
+                     if r.extra.get("compiled_graphs_while_timed")]  # fmt: skip
+            timed = f"; graphs compiled while timed: {', '.join(extra)}" if extra else "; no graph compiled while timed"
+            notes.append(f"- {model} {shape} untimed warm-up forwards (compilation included): {warm}{timed}")
+    for r in rows:
+        if "compiled_error" in r.extra:
+            notes.append(
+                f"- {r.model} {r.shape} {r.method} compiled ({r.compile}): FAILED, {r.extra['compiled_error']}"
+            )
+    return "\n".join([*lines, "", *notes])
+
+
+def write_results(rows: list[BenchRow], out: Path, command: str) -> None:
+    """``out``.json (rows + environment + command + model configs) and ``out``.md (the table and notes)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    used = dict.fromkeys(r.model for r in rows)
+    models = {
+        m: {
+            "class": MODELS[m].cls_name,
+            "config": MODELS[m].config,
+            "subset": MODELS[m].subset,
+            "quick_subset": MODELS[m].quick_subset,
+            "source": MODELS[m].source,
+        }
+        for m in used
+        if m in MODELS
+    }
+    payload = {
+        "environment": env,
+        "command": command or " ".join(sys.argv),
+        "models": models,
+        "rows": [r.__dict__ for r in rows],
+    }
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    md = [
+        "# End-to-end transformer forward, dense vs sparse",
+        "",
+        f"{env['device']}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, {env['date']}",
+        f"Command: `{payload['command']}`",
+        "",
+        format_table(rows),
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(md))

@@ -1,0 +1,218 @@
+"""What each ``dit-sparse`` command does once its arguments are parsed (``dit_sparse.cli`` parses them).
+
+Every command checks what it can before loading a model (:mod:`dit_sparse.preflight`, :mod:`dit_sparse.estimate`):
+output file, model folder, device and backend, and the size of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dit_sparse.estimate import check_estimate, estimate_run, pipeline_call_defaults
+from dit_sparse.files import slug
+from dit_sparse.pipelines import supported_models
+from dit_sparse.preflight import CLIError, check_device, check_model_folder, check_output, verify_written
+
+
+def _check_size(args: argparse.Namespace, folder: Path, settings: Any, target: Any, backend: str, **kw: Any) -> None:
+    """Refuse (or warn about) a run too large for ``target`` before loading it, unless ``--ignore-estimate``."""
+    if args.ignore_estimate:
+        return
+    defaults = pipeline_call_defaults(folder)
+    est = estimate_run(
+        folder,
+        frames=settings.frames or defaults.get("num_frames"),
+        height=settings.height or defaults.get("height"),
+        width=settings.width or defaults.get("width"),
+        steps=settings.steps or defaults.get("num_inference_steps", 50),
+        guidance=settings.guidance if settings.guidance is not None else defaults.get("guidance_scale"),
+        device=target,
+        dtype=args.dtype,
+        backend=backend,
+        **kw,
+    )
+    warning = check_estimate(est) if est is not None else None
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace, folder: Path, steps: int | None = None) -> Any:
+    from dit_sparse.eval.run import is_embedded_model, resolve_settings  # noqa: PLC0415
+
+    return resolve_settings(
+        steps if steps is not None else args.steps, args.frames, args.height, args.width,
+        getattr(args, "guidance", None), getattr(args, "negative_prompt", None), fps=getattr(args, "fps", None),
+        embedded=is_embedded_model(folder),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate one video with a sparse-attention method and write it as MP4 (GIF fallback)."""
+    from dit_sparse.eval.run import complete_settings, default_value, generate, load_pipeline  # noqa: PLC0415
+    from dit_sparse.eval.video import ffmpeg_available, write_video  # noqa: PLC0415
+
+    if args.prompt is None:
+        args.prompt = default_value(("PROMPT",), None)
+        if args.prompt is None:
+            raise CLIError("no prompt given")
+    if args.seed is None:
+        args.seed = int(default_value(("SEED",), 0))
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    out = Path(args.out) if args.out else Path(f"{slug(args.prompt, 40, 'video')}-{args.method}-s{args.seed}.mp4")
+    check_output(out, (".mp4", ".gif"), args.force)
+    if out.suffix.lower() != ".gif" and not ffmpeg_available()[0]:
+        check_output(out.with_suffix(".gif"), (".gif",), args.force)  # where the video will go instead
+    folder = check_model_folder(args.model, supported_models())
+    target, backend = check_device(args.device, args.backend)
+    settings = _settings(args, folder)
+    _check_size(args, folder, settings, target, backend, sparse=args.method != "none")
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(folder, device=str(target), dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    settings = complete_settings(settings, pipe)
+    params = args.params
+    g = generate(
+        pipe, args.prompt, args.seed, settings, method=args.method, params=params, backend=args.backend,
+        progress=not args.quiet, desc=f"{args.method} step", leave=True,
+    )  # fmt: skip
+    try:
+        written, note = write_video(out, g.video, fps=settings.fps)
+    except OSError as exc:
+        raise CLIError(f"could not write the video to {str(out)!r}: {exc}") from None
+    verify_written(written)
+    if note:
+        print(f"note: {note}")
+    rep = g.report
+    print(f"method: {args.method}" + (f" ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""))
+    print(
+        f"time: {g.seconds:.2f} s for {settings.steps} steps (model load {load_s:.1f} s); "
+        f"transformer {g.transformer_ms_per_step:.1f} ms/step ({g.timing})"
+        if g.transformer_ms_per_step is not None
+        else f"time: {g.seconds:.2f} s"
+    )
+    if rep is not None:
+        dens, sparse, dense = rep.get("density"), rep.get("sparse_calls") or 0, rep.get("dense_calls") or 0
+        if not sparse:
+            print(
+                f"density: 1.000 (no sparse call: all {dense} self-attention calls ran dense by policy: "
+                "dense_steps, dense_layers or min_seq_len; see --param)"
+            )
+        else:
+            print(f"density: {dens:.3f} over {sparse} sparse self-attention calls ({dense} left dense by policy)")
+    else:
+        print("density: 1.000 (the model's own dense attention)")
+    print(f"video: {written} ({g.video.shape[0]} frames, {g.video.shape[2]}x{g.video.shape[1]})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Quality-vs-speed run (``dit_sparse.eval.run``)."""
+    from dit_sparse.eval.run import read_prompts, run  # noqa: PLC0415
+
+    try:
+        prompts = read_prompts(args.prompts)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--prompts: {e}") from None
+    folder = check_model_folder(args.model, supported_models())
+    target, backend = check_device(args.device, args.backend)
+    generations = (len(args.specs) + 1) * len(prompts) * len(args.seed_list)  # each method + the dense reference
+    _check_size(args, folder, _settings(args, folder), target, backend, generations=generations)
+    out = args.out or f"runs/eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run(
+        model=args.model, methods=args.specs, prompts=prompts, seeds=args.seed_list, out=out, steps=args.steps,
+        frames=args.frames, height=args.height, width=args.width, guidance=args.guidance,
+        negative_prompt=args.negative_prompt, fps=args.fps, backend=args.backend, error_sample=args.error_sample,
+        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, lpips=not args.no_lpips,
+        videos=not args.no_videos, amplify=args.amplify, progress=not args.quiet,
+    )  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Transformer-forward timing on full-size architectures (CUDA only), delegated to ``dit_sparse.bench.run``."""
+    import torch  # noqa: PLC0415
+
+    from dit_sparse import bench  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        raise CLIError(
+            "bench times CUDA kernels on full-size models and needs an NVIDIA GPU; no CUDA device is "
+            f"visible here (torch {torch.__version__}). Use `dit-sparse eval` on the CPU."
+        )
+    out = args.out or (
+        f"benchmarks/results/e2e-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}"
+        f"{'' if args.compile == 'none' else '-compile-' + args.compile}"
+    )
+    kwargs = {"quick": args.quick} | ({"compile": args.compile} if args.compile != "none" else {})
+    bench.run(args.models, args.shapes, args.methods, args.repeats, out, "dit-sparse " + shlex.join(sys.argv[1:]),
+              **kwargs)  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def read_search_prompts(items: list[str]) -> list[str]:
+    """Prompts from the command line; ``@FILE`` items add one prompt per non-empty line of FILE."""
+    prompts: list[str] = []
+    for item in items:
+        if not item.startswith("@"):
+            prompts.append(item)
+            continue
+        try:
+            prompts.extend(line.strip() for line in Path(item[1:]).read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise CLIError(f"--prompts {item}: cannot read {item[1:]!r} ({exc.strerror or exc})") from None
+    if not prompts:
+        raise CLIError("--prompts: no prompt given")
+    return prompts
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Offline Sparse-vDiT search (:func:`dit_sparse.search`) on a local pipeline; writes the configuration."""
+    from dit_sparse.eval.run import load_pipeline  # noqa: PLC0415
+    from dit_sparse.methods.svdit import config_sections  # noqa: PLC0415
+    from dit_sparse.methods.svdit_search import SearchSettings  # noqa: PLC0415
+    from dit_sparse.offline_search import search  # noqa: PLC0415
+
+    prompts = read_search_prompts(args.prompts)
+    out = check_output(Path(args.out), (".json",), overwrite=True)  # an unfinished search there is resumed
+    folder = check_model_folder(args.model, supported_models())
+    target, backend = check_device(args.device, args.backend)
+    settings = SearchSettings(error_budget=args.error_budget, selection=args.selection, feed=args.feed)
+    generations = len(prompts) * (1 + len(settings.candidates))  # dense and every candidate, every call
+    _check_size(args, folder, _settings(args, folder), target, backend, generations=generations)
+    dtype = args.dtype or ("bfloat16" if target.type == "cuda" else "float32")
+    pipe = load_pipeline(folder, device=str(target), dtype=dtype)
+    call = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames)) if v}
+    data = search(
+        pipe, prompts, out, steps=args.steps, settings=settings, layers_per_pass=args.layers_per_pass,
+        seed=args.seed, backend=args.backend, block_size=args.block_size, progress=not args.no_progress, **call,
+    )  # fmt: skip
+    for name, section in config_sections(data).items():
+        counts: dict[str, int] = {}
+        for modes in section["layers"].values():
+            for mode in modes:
+                counts[mode] = counts.get(mode, 0) + 1
+        dens = section.get("density", {})
+        mean = sum(dens.values()) / len(dens) if dens else float("nan")
+        print(f"{name}: {len(section['layers'])} layers, modes {counts}, mean density {mean:.3f}")
+    print(f"wrote {verify_written(out)}")
+    return 0
