@@ -49,6 +49,8 @@ def apply(
     models = pipeline_transformers(pipe_or_transformer)
     adapters = [adapter_for(model) for _, model in models]  # unsupported class: error before any change
     processor = SparseProcessor.for_tracked(method, backend=backend, error_sample=error_sample, **params)
+    for component, model in models:
+        processor.method.check_transformer(component, model)
     pipe = None if isinstance(pipe_or_transformer, nn.Module) else pipe_or_transformer
     for (component, model), adapter in zip(models, adapters, strict=True):
         if get_tracker(model) is not None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from dit_sparse import bench, commands
 from dit_sparse.estimate import EstimateError
+from dit_sparse.eval.store import RunFolderBusy
 from dit_sparse.kernels.api import BACKENDS
 from dit_sparse.methods import available_methods, get_method, parse_method_spec
 from dit_sparse.methods.base import parse_value
@@ -33,7 +34,7 @@ from dit_sparse.preflight import CLIError
 
 PROG = "dit-sparse"
 DTYPES = ("float32", "float16", "bfloat16")
-USER_ERRORS = (CLIError, EstimateError, SvditConfigError)  # one line and exit status 2; anything else is a bug
+USER_ERRORS = (CLIError, EstimateError, SvditConfigError, RunFolderBusy)  # one line and exit status 2; anything else is a bug
 
 __all__ = ["CLIError", "build_parser", "check_method", "main", "parse_params", "parse_seeds"]
 

@@ -89,6 +89,7 @@ class _Finder:
         if kwargs is None:  # a torch that does not pass keywords this way: the processor explains
             return
         adapter, processor = sighted
+        processor.method.check_transformer("transformer", module)
         tracker = Tracker.attach(module, adapter)
         tracker.adopt(processor, applied=False)
         self.stop_waiting(processor)

@@ -21,7 +21,7 @@ from dit_sparse.methods.svdit import (
     spatial_major_permutation,
 )
 from dit_sparse.plan import HEAD_DENSE, HEAD_SKIP
-from dit_sparse.state import StepContext
+from dit_sparse.state import StepContext, get_tracker
 
 T, H, W = 6, 3, 4  # P = 12 tokens per frame, 72 video tokens
 P = H * W
@@ -287,6 +287,9 @@ def test_recorded_layout_and_model_are_checked(tmp_path):
     other = type(model)(**{**model.config, "ffn_dim": 64})
     with pytest.raises(SvditConfigError, match=f"fingerprint {record['fingerprint']}.*run `dit-sparse search`"):
         method.check_transformer("transformer", other)
+    with pytest.raises(SvditConfigError, match="run `dit-sparse search`"):  # up front, nothing changed
+        dit_sparse.apply(other, "svdit", config=str(path), block_size=16, min_seq_len=0)
+    assert get_tracker(other) is None
     # the layout, at call time through the processor
     dit_sparse.apply(model, "svdit", config=str(path), block_size=16, min_seq_len=0)
     try:

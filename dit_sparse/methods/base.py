@@ -187,6 +187,10 @@ class Method:
         """The BlockPlan for one attention call (q, k: ``[B, H, N, D]``)."""
         raise NotImplementedError
 
+    def check_transformer(self, transformer: str, model: torch.nn.Module) -> None:
+        """Refuse a transformer this method's configuration was not made for (a searched Sparse-vDiT file); called
+        once per transformer when the method is applied. Default: every transformer fits."""
+
     def warmup(self, ctx: StepContext) -> int:
         """The dense warm-up steps in force for the call: ``ctx.dense_steps``, else the config's at ``ctx.num_steps``."""
         return ctx.dense_steps if ctx.dense_steps is not None else self.config.warmup_steps(ctx.num_steps)
