@@ -16,7 +16,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -151,12 +151,15 @@ def _accepts(backend: Backend, call: AttentionCall, native: bool = False) -> boo
     return backend.device_problem(call.q.device, native=native) is None and backend.call_problem(call) is None
 
 
-def choose_backend(call: AttentionCall) -> Backend:
-    """``auto``: the first registered backend allowed to be chosen that accepts ``call`` natively."""
-    for backend in ATTENTION_BACKENDS:
+def choose_backend(call: AttentionCall, candidates: Iterable[Backend] | None = None) -> Backend:
+    """``auto``: the first of ``candidates`` (default: the registered backends, in order) that ``auto`` may choose
+    and that accepts ``call`` natively."""
+    candidates = list(ATTENTION_BACKENDS if candidates is None else candidates)
+    for backend in candidates:
         if backend.auto and _accepts(backend, call, native=True):
             return backend
-    raise ValueError(f"no attention backend accepts this call: {[b.call_problem(call) for b in ATTENTION_BACKENDS]}")
+    problems = [b.device_problem(call.q.device, native=True) or b.call_problem(call) for b in candidates if b.auto]
+    raise RuntimeError(f"no attention backend accepts this call: {'; '.join(p for p in problems if p)}")
 
 
 @functools.cache
