@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from dit_sparse.kernels.block_mass import _launch, block_mass, candidate_configs
+from dit_sparse.kernels.block_mass import TUNER, _launch, block_mass, candidate_configs
 
 SHAPES = {"wan2.1-1.3b-480p": 32760, "wan2.1-1.3b-720p": 75600}
 HEADS, HEAD_DIM = 12, 128
@@ -63,8 +63,10 @@ def run(blocks: list[int]) -> dict:
                     res["configs"].append(dict(shape=shape, block=block, lse_given=given, config=str(c), ms=ms))
                     print(f"{shape} block {block} lse given {given} {c}: {ms:.2f} ms", flush=True)
                 ms = triton.testing.do_bench(partial(block_mass, q, k, block, use), warmup=3, rep=30)
-                res["speed"].append(dict(shape=shape, block=block, lse_given=given, ms=ms, sdpa_ms=sdpa))
+                res["speed"].append(dict(shape=shape, block=block, lse_given=given, ms=ms, sdpa_ms=sdpa,
+                                         config=str(TUNER.last)))  # fmt: skip
                 print(f"{shape} block {block} lse given {given}: autotuned {ms:.2f} ms, SDPA {sdpa:.2f} ms", flush=True)
+    res["tuning"] = list(TUNER.log)
     return res
 
 

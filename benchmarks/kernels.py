@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.kernels import AttentionCall, block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
@@ -131,7 +131,7 @@ def check_suite(dev: str = "cuda") -> list[dict]:
         else:
             q, k, v = (torch.randn(b, h, n, d, generator=g).to(dev, dtype) for _ in range(3))
         kl = torch.tensor([n, n - 60][:b], device=dev) if kvlen else None
-        o, lse = triton_block_attention(q, k, v, plan, d**-0.5, True, kl, config=cfg)
+        o, lse = triton_block_attention(AttentionCall(q, k, v, plan, d**-0.5, True, kl), config=cfg)
         ro, rl = block_sparse_attention(q, k, v, plan, backend="reference", return_lse=True, kv_len=kl)
         fin = torch.isfinite(rl)
         ok_inf = bool(torch.equal(torch.isfinite(lse), fin))
@@ -209,7 +209,6 @@ def check_suite(dev: str = "cuda") -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- benchmark
 def run_shape(name: str, densities: list[float], args, results: dict) -> None:
-    from dit_sparse.kernels import flex as flex_mod
     from dit_sparse.kernels import triton_attention as ta
 
     heads, n, d, grid = {**SHAPES, **DRY_RUN_SHAPES}[name]
@@ -254,7 +253,8 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
     plans = [(f"random-{x:g}", random_plan(heads, n, x, gen, dev)) for x in densities]
     if not args.no_radial:
         plans.append(("radial", radial_plan(n, layout.frames, dev)))
-    for label, plan in plans:
+    while plans:
+        label, plan = plans[0]
         density = plan.density()
         flops = flops_dense * density
         row = dict(plan=label, density=density)
@@ -263,7 +263,7 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         o_t = block_sparse_attention(q, k, v, plan, backend="triton")
         _sync()
         row["triton_first_call_s"] = time.perf_counter() - t0
-        row["triton_config"] = str(ta.last_config())
+        row["triton_config"] = str(ta.TUNER.last)
         fns = {
             "triton_ms": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton"),
             "triton_ms_lse": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True),
@@ -295,7 +295,7 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         del o_t
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-        flex_mod._block_masks.pop(plan, None)
+        del plan, plans[0]  # frees the plan's derived data (flex's BlockMask) before the next one
 
     # plan handling and permutation: the methods' permutations (and a random one, the worst case) at two densities,
     # through both strategies: rows gathered in the kernel, or K and V gathered into copies first (TMA loads)
@@ -317,23 +317,22 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
             ta._prepare(permuted, heads)
             _sync()
             prep_ms = (time.perf_counter() - t0) * 1e3
-            for key in [key for key in ta._best if key[6]]:  # tune for this permutation, as a method's first call does
-                del ta._best[key]
-            n_log = len(ta.tuning_log)
+            ta.TUNER.forget(lambda key: key.perm)  # tune for this permutation, as a method's first call does
+            n_log = len(ta.TUNER.log)
             block_sparse_attention(q, k, v, permuted, backend="triton")
-            r = dict(perm=kind, density=x, prep_ms_once=prep_ms, auto_config=str(ta.last_config()))
+            r = dict(perm=kind, density=x, prep_ms_once=prep_ms, auto_config=str(ta.TUNER.last))
             fns = {  # the plan without the permutation is timed side by side with the permuted runs
                 "triton_ms": lambda base=base: block_sparse_attention(q, k, v, base, backend="triton"),
                 "auto_ms": lambda p=permuted: block_sparse_attention(q, k, v, p, backend="triton"),
             }
-            tuned = [e for e in ta.tuning_log[n_log:] if "ms" in e]
+            tuned = [e for e in ta.TUNER.log[n_log:] if "ms" in e]
             for strategy, tma in (("gather", False), ("kv_copy", True)):
                 cands = [e for e in tuned if ("-tma" in e["config"]) == tma]
                 if cands:
                     r[f"{strategy}_config"] = best = min(cands, key=lambda e: e["ms"])["config"]
                     cfg = next(c for c in ta._fitted(d, dtype, BLOCK, BLOCK) if str(c) == best)
                     fns[f"{strategy}_ms"] = lambda p=permuted, cfg=cfg: ta.triton_block_attention(
-                        q, k, v, p, d**-0.5, False, None, config=cfg
+                        AttentionCall(q, k, v, p, d**-0.5, False, None), config=cfg
                     )
             fns["kv_copy_alone_ms"] = lambda perm=perm: [ta._gather_tokens(t, perm) for t in (k, v)]
             r.update(bench_rounds(fns, args.rounds))
@@ -364,14 +363,11 @@ def host_overhead() -> dict:
     prep = ta._prepare(plan, heads)
     out_mem = torch.empty(1, n, heads, d, device="cuda", dtype=torch.bfloat16)
     tma, ptr = ta.KernelConfig(128, 64, 4, 3, True), ta.KernelConfig(128, 64, 4, 3)
+    call = AttentionCall(q, k, v, plan, d**-0.5, False, None)
     cases = {
         "api_block_sparse_attention": lambda: block_sparse_attention(q, k, v, plan, backend="triton"),
-        "triton_block_attention_tma": lambda: ta.triton_block_attention(
-            q, k, v, plan, d**-0.5, False, None, config=tma
-        ),
-        "triton_block_attention_ptr": lambda: ta.triton_block_attention(
-            q, k, v, plan, d**-0.5, False, None, config=ptr
-        ),
+        "triton_block_attention_tma": lambda: ta.triton_block_attention(call, config=tma),
+        "triton_block_attention_ptr": lambda: ta.triton_block_attention(call, config=ptr),
         "launch_only_tma": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, tma),
         "launch_only_ptr": lambda: ta._launch(q, k, v, plan, prep, d**-0.5, out_mem, None, None, ptr),
         "torch_empty_x2_baseline": lambda: (torch.empty_like(q), torch.empty_like(k)),
@@ -486,6 +482,8 @@ def main() -> None:
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --shapes 2x700x64 as a dry run)")
     import triton
 
+    from dit_sparse.kernels import triton_attention as ta
+
     torch._dynamo.config.cache_size_limit = 64  # one flex compile per plan closure at most
     torch.backends.cuda.matmul.allow_tf32 = False
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -515,12 +513,10 @@ def main() -> None:
         for name in args.shapes.split(","):
             run_shape(name, densities, args, results)
             torch.cuda.empty_cache()
-            from dit_sparse.kernels.triton_attention import tuning_log
-
-            results["tuning"] = list(tuning_log)
+            results["tuning"] = list(ta.TUNER.log)
             stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
             write_markdown(results, stem.with_suffix(".md"))
-    results["tuning"] = list(__import__("dit_sparse.kernels.triton_attention", fromlist=["x"]).tuning_log)
+    results["tuning"] = list(ta.TUNER.log)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_markdown(results, stem.with_suffix(".md"))
     print(stem.with_suffix(".md").read_text())

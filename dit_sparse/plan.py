@@ -15,11 +15,16 @@ Conventions (all backends honour them the same way):
 - A head whose mode is ``HEAD_SKIP`` outputs zeros and an LSE of ``-inf`` (Sparse-vDiT's skip rule). A
   ``HEAD_DENSE`` head must list every key block (backends may route it to a dense kernel).
 - Text rows and columns are always attended: plan builders guarantee it (``add_text``); the plan stores no text.
+- A plan is immutable: its tensors are never modified in place once it is built. Data derived from it (a backend's
+  preprocessed form, the density) is therefore computed once and kept in the plan's private cache
+  (:meth:`BlockPlan.derived`), so it lives exactly as long as the plan and is never shared with another plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +33,8 @@ from dit_sparse.layout import TokenLayout
 HEAD_PLANNED = 0
 HEAD_DENSE = 1
 HEAD_SKIP = 2
+
+T = TypeVar("T")
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -52,6 +59,9 @@ class BlockPlan:
             target density). Backends use it for tuning choices only (the Triton autotune band) instead of reading
             the plan's device tensors, so a plan rebuilt every call costs no device->host sync. Never used for
             results or reports (:meth:`density` is always measured).
+
+    Besides these fields a plan holds a private cache of derived data (:meth:`derived`); it is not part of the
+    plan's identity (equality is identity, ``repr`` omits it) and ``to`` / ``dataclasses.replace`` start a new one.
     """
 
     seq_len: int
@@ -63,6 +73,7 @@ class BlockPlan:
     inv_perm: torch.Tensor | None = None
     head_mode: tuple[int, ...] | None = None
     density_hint: float | None = None
+    _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         mq, mk = self.num_q_blocks, self.num_kv_blocks
@@ -113,6 +124,18 @@ class BlockPlan:
     @property
     def device(self) -> torch.device:
         return self.kv_indices.device
+
+    def derived(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, computed on the first request for ``key`` and then kept with this plan (and only this one).
+
+        For data that depends on the plan alone (plus what ``key`` names, e.g. a head count): a backend's
+        preprocessed lists, the density. Keys are namespaced by their user (``("triton", heads)``).
+        """
+        try:
+            return self._derived[key]
+        except KeyError:
+            value = self._derived[key] = build()
+            return value
 
     # ------------------------------------------------------------ builders
     @classmethod
@@ -183,7 +206,10 @@ class BlockPlan:
         return float(self.density_tensor())
 
     def density_tensor(self) -> torch.Tensor:
-        """:meth:`density` as a 0-d float tensor on the plan's device (no host sync)."""
+        """:meth:`density` as a 0-d float tensor on the plan's device (no host sync; computed once per plan)."""
+        return self.derived("density", self._measure_density)
+
+    def _measure_density(self) -> torch.Tensor:
         mask = self.block_mask().float()
         n = self.seq_len
         rows = torch.full((self.num_q_blocks,), float(self.block_q), device=self.device)

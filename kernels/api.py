@@ -1,56 +1,39 @@
-"""The kernel entry point: input checks, backend choice, and the steps every backend shares."""
+"""The kernel entry point: input checks, then the backend its declaration accepts (``kernels/backends.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Callable
-
 import torch
 
-from dit_sparse.plan import HEAD_SKIP, BlockPlan
+from dit_sparse.kernels.backends import ATTENTION_BACKENDS, FLOAT_DTYPES, AttentionCall, Backend, choose_backend
+from dit_sparse.plan import BlockPlan
 
-BACKENDS = ("auto", "triton", "flex", "reference")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-BackendFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def triton_available_for(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS: tuple[str, ...] = ("auto", *(b.name for b in ATTENTION_BACKENDS))
+"""The ``backend=`` choices: ``auto`` and the registered backends (CLI choices, processor check)."""
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend that ``backend`` means for tensors on ``device`` (``auto``: triton on CUDA, else reference)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def check_backend(backend: str, device: torch.device | str) -> str:
+    """The backend that ``backend`` means on ``device``, before any tensor exists (the CLI asks before loading a model).
+
+    ``auto``: the first backend ``auto`` may choose that runs natively there (triton on CUDA when installed, else
+    reference; a call whose inputs triton does not take still falls back per call). Raises ValueError for an unknown
+    name, RuntimeError (naming the alternatives) when the backend cannot run on ``device``.
+    """
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available_for(device) else "reference"
-    if backend == "triton" and not triton_available_for(device):
-        if importlib.util.find_spec("triton") is None:
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'dit-sparse[triton]'")
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got {device}); use backend='reference' or 'flex' on CPU, "
-            "or set TRITON_INTERPRET=1 to run the Triton kernel in the (slow) interpreter"
-        )
+        return next(b.name for b in ATTENTION_BACKENDS if b.auto and b.device_problem(device, native=True) is None)
+    problem = _declared(backend).device_problem(device)
+    if problem:
+        raise RuntimeError(problem)
     return backend
 
 
-def _backend_fn(name: str) -> BackendFn:
-    if name == "reference":
-        from dit_sparse.kernels.reference import reference_attention
+def _declared(backend: str) -> Backend:
+    found = ATTENTION_BACKENDS.find(backend)
+    if found is None:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return found
 
-        return reference_attention
-    if name == "flex":
-        from dit_sparse.kernels.flex import flex_block_attention
 
-        return flex_block_attention
-    from dit_sparse.kernels.triton_attention import triton_block_attention
-
-    return triton_block_attention
+resolve_backend = check_backend  # the name dit_sparse.search and block_mass import
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -65,7 +48,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them first")
-    if q.dtype not in _DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q/k/v dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
@@ -90,7 +73,9 @@ def block_sparse_attention(
         plan: the BlockPlan (same N; batch and heads equal or 1).
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the row log-sum-exp ``[B, H, N]`` (float32, natural log) of the scaled scores.
-        backend: ``auto`` (triton on CUDA, reference elsewhere), ``triton``, ``flex`` or ``reference``.
+        backend: ``auto`` (the first registered backend that takes the call natively: triton on CUDA, reference
+            elsewhere or for inputs triton does not take), or a name in :data:`BACKENDS` (its declaration is checked
+            first: an unsupported call is an error that names the alternatives).
         kv_len: optional int ``[B]``: keys whose original index is >= kv_len[b] are masked (padded text suffix).
 
     Returns:
@@ -101,15 +86,15 @@ def block_sparse_attention(
     plan.check_inputs(b, h, n)
     if plan.device != q.device:
         raise ValueError(f"the plan is on {plan.device} but q/k/v are on {q.device}: move it with plan.to(device)")
-    if kv_len is not None and kv_len.shape != (b,):
-        raise ValueError(f"kv_len must have shape ({b},), got {tuple(kv_len.shape)}")
-    scale = d**-0.5 if scale is None else float(scale)
-    out, lse = _backend_fn(resolve_backend(backend, q.device))(q, k, v, plan, scale, return_lse, kv_len)
+    if kv_len is not None:
+        if kv_len.shape != (b,):
+            raise ValueError(f"kv_len must have shape ({b},), got {tuple(kv_len.shape)}")
+        kv_len = kv_len.to(q.device)
+    call = AttentionCall(q, k, v, plan, d**-0.5 if scale is None else float(scale), return_lse, kv_len)
+    if backend == "auto":
+        chosen = choose_backend(call)
+    else:
+        chosen = _declared(backend)
+        chosen.check(call)
+    out, lse = chosen.run(call)
     return (out, lse) if return_lse else out
-
-
-def skip_head_mask(plan: BlockPlan, device: torch.device) -> torch.Tensor | None:
-    """Bool ``[H]`` of HEAD_SKIP heads, or None when the plan skips none."""
-    if plan.head_mode is None or HEAD_SKIP not in plan.head_mode:
-        return None
-    return torch.tensor([m == HEAD_SKIP for m in plan.head_mode], device=device)

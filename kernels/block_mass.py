@@ -8,7 +8,7 @@ mass. Entry point :func:`block_mass`, two backends:
   (query block, key block): the ``N × N`` scores never reach memory. There is no ``P·V``, but as many exponentials
   as in attention: on the H100 the pass takes 0.7x a dense SDPA call with a given LSE. Without one, a first sweep
   over the keys computes it (online max and sum, as flash attention does): about 1.7x. The launch configuration is
-  timed on the first call per shape class and cached.
+  timed on the first call per shape class and kept by the kernel's tuner, :data:`TUNER`.
 - ``reference``: plain torch, chunked over query rows (one chunk of scores materialised at a time): the oracle for
   tests and the CPU path.
 
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.kernels.api import check_qkv, resolve_backend
+from dit_sparse.kernels.api import check_backend, check_qkv
+from dit_sparse.kernels.tuning import Tuner
 from dit_sparse.plan import num_blocks
 
 # reference: score-matrix elements per chunk of query rows (fp32: 1 GiB), bounds the temporaries
@@ -66,7 +67,7 @@ def block_mass(
     if lse is not None and (lse.shape != q.shape[:-1] or lse.dtype != torch.float32):
         raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:-1])}, got {lse.dtype} {tuple(lse.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = resolve_backend(backend, q.device)
+    name = check_backend(backend, q.device)
     if name == "triton":
         return triton_block_mass(q, k, block, lse, scale)
     return reference_block_mass(q, k, block, lse, scale)
@@ -245,7 +246,8 @@ def _launch(q, k, block, lse, lse_out, scale, cfg: MassConfig) -> torch.Tensor:
     return part if q_sub == 1 else part.view(b, h, m, q_sub, m).sum(3)
 
 
-_best: dict[tuple, MassConfig] = {}
+TUNER: Tuner[MassConfig] = Tuner("triton block mass")
+"""The autotune results of the block-mass kernel, keyed by (head dim, dtype, block, LSE computed, size bucket)."""
 
 
 def triton_block_mass(
@@ -258,7 +260,7 @@ def triton_block_mass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_mass` with the fused Triton kernel (the ``triton`` backend). ``config`` pins a launch
     configuration (tests, benchmarks); by default the candidates are timed on the first call per (head dim, dtype,
-    block, LSE given, size bucket) and the fastest is cached in-process."""
+    block, LSE computed, size bucket) and :data:`TUNER` keeps the fastest."""
     b, h, n, d = q.shape
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"block_mass backend='triton' supports head dims 16, 32, 64, 128, 256 (got {d})")
@@ -267,15 +269,13 @@ def triton_block_mass(
     lse_out = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if lse is None else lse.contiguous()
     if config is None:
         cands = candidate_configs(block, q.device.type == "cpu")
-        key = (d, q.dtype, block, lse is None, (b * h * n).bit_length() // 2)
         if len(cands) == 1 or os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
             config = cands[0]
-        elif key not in _best:
-            times = {c: triton.testing.do_bench(lambda c=c: _launch(q, k, block, lse, lse_out, scale, c), warmup=2,
-                                                rep=10) for c in cands}  # fmt: skip
-            _best[key] = min(times, key=times.get)
-        config = _best.get(key, config)
-    return _launch(q, k, block, lse, lse_out, scale, config), lse_out if lse is None else lse
+        else:
+            key = (d, str(q.dtype), block, lse is None, (b * h * n).bit_length() // 2)
+            config = TUNER.pick(key, cands, lambda c: triton.testing.do_bench(
+                lambda: _launch(q, k, block, lse, lse_out, scale, c), warmup=2, rep=10), shape=[b, h, n, d])  # fmt: skip
+    return _launch(q, k, block, lse, lse_out, scale, TUNER.used(config)), lse_out if lse is None else lse
 
 
-__all__ = ["MassConfig", "block_mass", "candidate_configs", "reference_block_mass", "triton_block_mass"]
+__all__ = ["TUNER", "MassConfig", "block_mass", "candidate_configs", "reference_block_mass", "triton_block_mass"]

@@ -13,14 +13,15 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
   either gathered in the kernel too (pointer loads: Hopper's TMA cannot gather) or, for the TMA configurations,
   gathered once into contiguous copies (one pass over K and V, their size in temporary memory) that TMA then reads;
   the autotuner picks: the copy pays off on long rows (density >~ 0.25), the in-kernel gather on short ones.
-- **Tails.** Per plan (cached beside it), each key-block list is reordered so that the partial last key block, when
+- **Tails.** Per plan (in the plan's cache), each key-block list is reordered so that the partial last key block, when
   listed, comes last: the main loop runs unmasked and only that one block is masked. ``kv_len`` (padded keys)
   masks every tile (a separate compiled variant). Query rows past ``N`` are never stored.
-- **Head modes.** HEAD_SKIP heads get an empty list (cached per plan): zero output, LSE ``-inf``. Rows whose every
+- **Head modes.** HEAD_SKIP heads get an empty list (same cache): zero output, LSE ``-inf``. Rows whose every
   key is masked (``kv_len``) give 0 and ``-inf`` too.
 - **Autotune.** Block sizes that divide the plan's blocks, warps, stages, TMA on/off: timed once per key
   (head dim, dtype, density octave, size bucket, plan block sizes, permutation, kv_len, TMA-able layout) on the first
-  call and cached in-process (``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
+  call and kept by the kernel's :class:`~dit_sparse.kernels.tuning.Tuner` :data:`TUNER` (with the tuning log and
+  the last configuration used; ``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
   The density octave needs one device->host read per new plan (cached with the plan; never per call), none when
   the plan carries a host-side ``density_hint`` (dynamic methods, whose plans are new every call).
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
@@ -33,13 +34,15 @@ import dataclasses
 import functools
 import math
 import os
-import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from dit_sparse.kernels.backends import AttentionCall
+from dit_sparse.kernels.tuning import Tuner
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
 try:  # host-side TMA descriptors (Triton >= 3.3)
@@ -287,21 +290,18 @@ def _block_sparse_fwd(
 # ------------------------------------------------------------------------------------------------- plan handling
 @dataclass(frozen=True)
 class _Prepared:
-    """Plan data in the kernel's form (built once per plan and head count, cached beside the plan)."""
+    """Plan data in the kernel's form (built once per plan and head count, kept in the plan's cache)."""
 
     kv_num: torch.Tensor  # int32 [B', H'', Mq], HEAD_SKIP heads zeroed
     kv_idx: torch.Tensor  # int32 [B', H'', Mq, Mk] contiguous, partial last block moved to the end of each list
     perm: torch.Tensor | None  # int32 [N]
-    density: float | None  # fraction of key blocks listed (for the autotune band); None until needed
-
-
-_prepared: weakref.WeakKeyDictionary[BlockPlan, dict] = weakref.WeakKeyDictionary()
 
 
 def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
-    per_plan = _prepared.setdefault(plan, {})
-    if heads in per_plan:
-        return per_plan[heads]
+    return plan.derived(("triton", heads), lambda: _build_prepared(plan, heads))
+
+
+def _build_prepared(plan: BlockPlan, heads: int) -> _Prepared:
     kv_num, kv_idx = plan.kv_num_blocks, plan.kv_indices
     if plan.head_mode is not None and HEAD_SKIP in plan.head_mode:
         skip = torch.tensor([m == HEAD_SKIP for m in plan.head_mode], device=kv_num.device)
@@ -321,24 +321,17 @@ def _prepare(plan: BlockPlan, heads: int) -> _Prepared:
         swapped = kv_idx.scatter(-1, tpos, last_val).scatter(-1, lpos, torch.full_like(last_val, mk - 1))
         kv_idx = torch.where(has, swapped, kv_idx).contiguous()
     perm = None if plan.perm is None else plan.perm.to(torch.int32).contiguous()
-    prep = _Prepared(kv_num, kv_idx, perm, None)
-    per_plan[heads] = prep
-    return prep
+    return _Prepared(kv_num, kv_idx, perm)
 
 
 def _density_octave(plan: BlockPlan, heads: int, prep: _Prepared) -> int:
     """The octave of the fraction of key blocks listed: 0 (dense, > 0.71), 1 (~1/2), ... 5 (~1/32 and sparser). Short
     rows want shallower pipelines (3 stages beat 4 by 10-20% at 0.05 on the H100, not at 0.25). From the plan's
     host-side ``density_hint`` when it has one (dynamic plans, rebuilt every call: no sync), else one host read per
-    plan, then cached."""
-    if prep.density is None:
-        if plan.density_hint is not None:
-            d = plan.density_hint
-        else:
-            d = float(prep.kv_num.float().mean()) / plan.num_kv_blocks
-        prep = _Prepared(prep.kv_num, prep.kv_idx, prep.perm, d)
-        _prepared[plan][heads] = prep
-    d = prep.density
+    plan, then kept in the plan's cache."""
+    d = plan.density_hint
+    if d is None:
+        d = plan.derived(("triton", heads, "density"), lambda: float(prep.kv_num.float().mean()) / plan.num_kv_blocks)
     return min(5, max(0, round(-math.log2(max(d, 1e-6)))))
 
 
@@ -561,8 +554,22 @@ def _launch(
     )
 
 
-_best: dict[tuple, KernelConfig] = {}
-tuning_log: list[dict] = []  # what the autotuner timed (read by benchmarks/kernels.py)
+TUNER: Tuner[KernelConfig] = Tuner("triton block-sparse attention")
+"""The autotune results of this kernel (best configuration per :class:`TuneKey`, log, last configuration)."""
+
+
+class TuneKey(NamedTuple):
+    """What a tuned configuration is valid for (a config tuned on a tiny problem must not serve a large one)."""
+
+    head_dim: int
+    dtype: str
+    density_octave: int  # see _density_octave
+    size_bucket: int  # factor 4 in B*H*N
+    block_q: int
+    block_kv: int
+    perm: bool
+    kv_len: bool
+    tma_layout: bool  # q, k and v all TMA-able
 
 
 @functools.lru_cache(maxsize=64)
@@ -577,18 +584,12 @@ def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int) -> tuple[Ke
 
 def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConfig:
     b, h, n, d = q.shape
-    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv)
-    if not fitted:
-        raise ValueError(
-            f"backend='triton' needs block sizes with a power-of-two factor >= 16 (got block_q={plan.block_q}, "
-            f"block_kv={plan.block_kv}); use backend='flex' or 'reference'"
-        )
+    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv)  # not empty: the blocks are multiples of 16
     if len(fitted) == 1 or not q.is_cuda or os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
         return fitted[0]
-    # size bucket (factor 4 in B*H*N): a config tuned on a tiny problem must not serve a large one
-    key = (
+    key = TuneKey(
         d,
-        q.dtype,
+        str(q.dtype),
         _density_octave(plan, h, prep),
         (b * h * n).bit_length() // 2,
         plan.block_q,
@@ -597,79 +598,39 @@ def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConf
         kv_len is not None,
         all(_tma_row_view(t) is not None for t in (q, k, v)),
     )
-    if key not in _best:
-        times = {}
-        for cfg in fitted:
-            try:
-                ms = triton.testing.do_bench(
-                    lambda cfg=cfg: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg),
-                    warmup=10,
-                    rep=50,
-                    return_mode="median",
-                )
-            except Exception as e:  # a config that does not compile or fit in shared memory is skipped
-                tuning_log.append({"key": str(key), "config": str(cfg), "error": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            times[cfg] = ms
-            tuning_log.append({"key": str(key), "config": str(cfg), "ms": ms, "shape": [b, h, n, d]})
-        if not times:
-            raise RuntimeError(f"no Triton configuration ran for {key}; see tuning_log")
-        _best[key] = min(times, key=times.get)
-    return _best[key]
+
+    def time_ms(cfg: KernelConfig) -> float:
+        run = lambda: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg)  # noqa: E731
+        return triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+
+    return TUNER.pick(key, fitted, time_ms, shape=[b, h, n, d])
 
 
 def triton_block_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: BlockPlan,
-    scale: float,
-    return_lse: bool,
-    kv_len: torch.Tensor | None,
-    config: KernelConfig | None = None,
+    call: AttentionCall, config: KernelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention with the Triton kernel (the ``triton`` backend of ``block_sparse_attention``).
 
-    Same contract as the other backends: ``[B, H, N, D]`` inputs with any strides, original token order in and out,
-    output in q's dtype (a BHND view of BNHD memory), LSE ``[B, H, N]`` float32 natural log. ``config`` pins a
-    launch configuration (benchmarks); by default one is autotuned and cached.
+    The contract of :class:`AttentionCall`, for calls the ``triton`` declaration accepts (head dims, equal q and v
+    head dims, blocks multiples of 16: ``block_sparse_attention`` checks them); the output is a BHND view of BNHD
+    memory. ``config`` pins a launch configuration (tests, benchmarks); by default one is autotuned by :data:`TUNER`.
     """
+    q, k, v, plan, scale, kv_len = call.q, call.k, call.v, call.plan, call.scale, call.kv_len
     b, h, n, d = q.shape
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"backend='triton' supports head dims 16, 32, 64, 128, 256 (got {d}); use backend='flex'")
-    if v.shape[-1] != d:
-        raise ValueError(f"backend='triton' needs v's head dim equal to q's (got {v.shape[-1]} vs {d})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            t = t.contiguous()
-        if name == "q":
-            q = t
-        elif name == "k":
-            k = t
-        else:
-            v = t
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if kv_len is not None:
         kv_len = kv_len.to(device=q.device, dtype=torch.int32)
     prep = _prepare(plan, h)
     out_mem = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if return_lse else None
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if call.return_lse else None
     if config is None:
         cfg = _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len)
     else:
         cfg = _fit(config, plan.block_q, plan.block_kv)
         if cfg is None:
             raise ValueError(f"config {config} does not fit the plan's blocks ({plan.block_q}, {plan.block_kv})")
-    _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg)
-    _last[0] = cfg
+    _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, TUNER.used(cfg))
     return out_mem.permute(0, 2, 1, 3), lse
 
 
-_last: list[KernelConfig | None] = [None]
-
-
-def last_config() -> KernelConfig | None:
-    """The configuration of the latest launch (benchmarks)."""
-    return _last[0]
-
-
-__all__ = ["KernelConfig", "candidate_configs", "last_config", "triton_block_attention", "tuning_log"]
+__all__ = ["TUNER", "KernelConfig", "TuneKey", "candidate_configs", "triton_block_attention"]

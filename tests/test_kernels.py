@@ -174,3 +174,48 @@ def test_reference_fast_path_equals_its_lse_path():
     exact, _ = block_sparse_attention(q, k, v, plan, backend="reference", kv_len=kv_len, return_lse=True)
     assert torch.all(fast[:, 1] == 0)
     assert (fast - exact).abs().max() <= 1e-5
+
+
+def test_reference_backend_never_builds_or_keeps_the_token_mask(monkeypatch):
+    """The reference backend expands the block mask per chunk of query rows: no N×N tensor is created during a call
+    and none is kept after it, in the plan's cache or anywhere else (it used to cache a 1 GB mask at 32k tokens)."""
+    import gc
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_sparse.kernels import reference
+
+    n, block = 301, 16
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 64 * n)  # 32 query rows per chunk (2 heads)
+    g = torch.Generator().manual_seed(5)
+    m = -(-n // block)
+    mask = (torch.rand(1, 2, m, m, generator=g) < 0.4) | torch.eye(m, dtype=torch.bool)
+    plan = BlockPlan.from_block_mask(mask, n, block, perm=torch.randperm(n, generator=g))
+    q, k, v = qkv(1, 2, n, 16)
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    ref, ref_lse = sdpa_oracle(q, k, v, plan.to_dense_mask())
+    for return_lse in (False, True):
+        with Largest():
+            res = block_sparse_attention(q, k, v, plan, backend="reference", return_lse=return_lse)
+        out = res[0] if return_lse else res
+        assert (out.double() - ref).abs().max() <= 1e-5
+        if return_lse:
+            assert (res[1].double() - ref_lse).abs().max() <= 1e-5
+    assert Largest.numel < n * n  # the largest tensor of the calls: one chunk of scores, 2 x 32 x 301
+    del ref, ref_lse, res, out
+    gc.collect()
+    square = [
+        o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.dim() >= 2 and o.shape[-2:] == (n, n)
+    ]
+    assert square == []
+    assert sum(t.numel() for t in plan.derived("reference", lambda: ()) if isinstance(t, torch.Tensor)) < n * n

@@ -133,3 +133,28 @@ def test_token_to_block_mask_covers():
     tok[0, 9] = True
     blocks = token_to_block_mask(tok, 4, 4)
     assert blocks.shape == (3, 3) and blocks[0, 2] and blocks.sum() == 1
+
+
+def test_plan_cache_builds_once_per_plan_and_is_not_part_of_identity():
+    """Derived data (a backend's preprocessed lists, the density) lives in the plan's own cache."""
+    import dataclasses
+
+    plan, twin = BlockPlan.full(40, 16), BlockPlan.full(40, 16)
+    built = []
+
+    def build():
+        built.append(1)
+        return torch.zeros(3)
+
+    h = hash(plan)
+    first = plan.derived("x", build)
+    assert plan.derived("x", build) is first and len(built) == 1  # built once
+    assert twin.derived("x", build) is not first and len(built) == 2  # never shared with another plan
+    assert plan.derived(("x", 2), build) is not first and len(built) == 3  # keys are separate
+    assert hash(plan) == h and plan != twin and "_derived" not in repr(plan) and "zeros" not in repr(plan)
+    # a moved or replaced plan starts with an empty cache (its tensors differ)
+    assert plan.to("cpu").derived("x", build) is not first
+    assert dataclasses.replace(plan, density_hint=0.5).derived("x", build) is not first
+    assert len(built) == 5
+    # the density is measured once per plan
+    assert plan.density_tensor() is plan.density_tensor() and plan.density() == 1.0

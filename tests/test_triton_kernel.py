@@ -12,7 +12,7 @@ if importlib.util.find_spec("triton") is None:  # pragma: no cover
 
 import torch
 
-from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.kernels import AttentionCall, block_sparse_attention
 from dit_sparse.kernels.triton_attention import KernelConfig, triton_block_attention
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
@@ -44,7 +44,7 @@ def _qkv(b, h, n, d, dtype, seed, layout="bnhd"):
 
 def _compare(q, k, v, plan, kv_len=None, config=None):
     d = q.shape[-1]
-    out, lse = triton_block_attention(q, k, v, plan, d**-0.5, True, kv_len, config=config)
+    out, lse = triton_block_attention(AttentionCall(q, k, v, plan, d**-0.5, True, kv_len), config=config)
     ref, ref_lse = block_sparse_attention(q, k, v, plan, backend="reference", return_lse=True, kv_len=kv_len)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
     # output lives in BNHD memory, handed back as the BHND view
