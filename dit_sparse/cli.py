@@ -34,7 +34,12 @@ from dit_sparse.preflight import CLIError
 
 PROG = "dit-sparse"
 DTYPES = ("float32", "float16", "bfloat16")
-USER_ERRORS = (CLIError, EstimateError, SvditConfigError, RunFolderBusy)  # one line and exit status 2; anything else is a bug
+USER_ERRORS = (
+    CLIError,
+    EstimateError,
+    SvditConfigError,
+    RunFolderBusy,
+)  # one line and exit status 2; anything else is a bug
 
 __all__ = ["CLIError", "build_parser", "check_method", "main", "parse_params", "parse_seeds"]
 

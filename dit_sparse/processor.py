@@ -77,17 +77,6 @@ def _accepted(cls: type) -> frozenset[str] | None:
     return frozenset(p.name for p in params)
 
 
-_DENSITY: weakref.WeakKeyDictionary[BlockPlan, torch.Tensor] = weakref.WeakKeyDictionary()
-
-
-def plan_density(plan: BlockPlan) -> torch.Tensor:
-    """:meth:`BlockPlan.density_tensor`, cached per plan object (static plans are reused every call)."""
-    d = _DENSITY.get(plan)
-    if d is None:
-        d = _DENSITY[plan] = plan.density_tensor()
-    return d
-
-
 BINDING_ATTR = "_dit_sparse_binding"
 """Attribute of an attention module holding its :class:`_Binding` (what traced code reads under ``torch.compile``)."""
 
@@ -358,7 +347,7 @@ class SparseProcessor:
             want = return_lse or (sample and not aux_work)
             res = block_sparse_attention(q_, k_, v_, plan, scale=scale, return_lse=want, backend=backend, kv_len=kv_len)
             out, lse = res if want else (res, None)
-            (aux if aux_work else density).append(plan_density(plan) * (q_.shape[1] / heads))
+            (aux if aux_work else density).append(plan.density_tensor() * (q_.shape[1] / heads))
             if lse is not None and not aux_work and q_.shape[1] == heads:
                 lse_all.append(lse)
             return out, (lse if return_lse else None)

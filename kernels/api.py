@@ -33,7 +33,7 @@ def _declared(backend: str) -> Backend:
     return found
 
 
-resolve_backend = check_backend  # the name dit_sparse.search and block_mass import
+resolve_backend = check_backend  # the older name, used by the CLI's, eval's and the search's up-front checks
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -153,13 +153,20 @@ def _accepts(backend: Backend, call: AttentionCall, native: bool = False) -> boo
 
 def choose_backend(call: AttentionCall, candidates: Iterable[Backend] | None = None) -> Backend:
     """``auto``: the first of ``candidates`` (default: the registered backends, in order) that ``auto`` may choose
-    and that accepts ``call`` natively."""
-    candidates = list(ATTENTION_BACKENDS if candidates is None else candidates)
-    for backend in candidates:
-        if backend.auto and _accepts(backend, call, native=True):
-            return backend
-    problems = [b.device_problem(call.q.device, native=True) or b.call_problem(call) for b in candidates if b.auto]
-    raise RuntimeError(f"no attention backend accepts this call: {'; '.join(p for p in problems if p)}")
+    and that runs natively on the call's device. A call it cannot take is an error naming why and the explicit
+    choices, never a silent fall back to a slower backend (on CUDA that would be the reference backend)."""
+    candidates = [b for b in (ATTENTION_BACKENDS if candidates is None else candidates) if b.auto]
+    device = call.q.device
+    native = next((b for b in candidates if b.device_problem(device, native=True) is None), None)
+    if native is None:
+        problems = "; ".join(str(b.device_problem(device, native=True)) for b in candidates)
+        raise RuntimeError(f"no attention backend runs on {device}: {problems}")
+    problem = native.call_problem(call)
+    if problem is not None:
+        others = ", ".join(repr(b.name) for b in ATTENTION_BACKENDS if b is not native)
+        raise ValueError(f"backend 'auto' chose {native.name!r} on {device.type}, which refuses this call: {problem}; "
+                         f"pass backend= one of {others} explicitly to run it there (slower)")  # fmt: skip
+    return native
 
 
 @functools.cache

@@ -104,15 +104,16 @@ def test_the_front_door_checks_the_declaration_before_running(monkeypatch):
         block_sparse_attention(call.q, call.k, call.v, call.plan, backend="triton")
 
 
-def test_auto_takes_the_first_backend_whose_declaration_accepts_the_call():
+def test_auto_takes_the_devices_backend_and_never_falls_back_silently():
     triton_here = dataclasses.replace(ATTENTION_BACKENDS.get("triton"), devices=("cpu",), packages=())
     order = [triton_here, ATTENTION_BACKENDS.get("flex"), ATTENTION_BACKENDS.get("reference")]
     assert choose_backend(_call(), order).name == "triton"
-    assert choose_backend(_call(d=24), order).name == "reference"  # flex is never chosen by auto
-    assert choose_backend(_call(n=60, block=10), order).name == "reference"
-    assert choose_backend(_call(dv=32), order).name == "reference"
+    for call in (_call(d=24), _call(n=60, block=10), _call(dv=32)):  # triton refuses: an error, not the reference
+        with pytest.raises(ValueError, match=r"'auto' chose 'triton' on cpu, which refuses this call: .*explicitly"):
+            choose_backend(call, order)
     assert choose_backend(_call()).name == "reference"  # the real triton declaration needs CUDA
-    with pytest.raises(RuntimeError, match="no attention backend accepts this call: .*needs CPU tensors"):
+    assert choose_backend(_call(d=24)).name == "reference"  # on CPU the reference takes any head dim
+    with pytest.raises(RuntimeError, match="no attention backend runs on meta: .*needs CPU tensors"):
         choose_backend(dataclasses.replace(_call(), q=torch.zeros(1, 2, 64, 16, device="meta")), order[1:2] + [NARROW])
 
 
