@@ -297,3 +297,29 @@ def test_readme_commands_each_install_what_they_need():
     assert {re.split(r"[<>=]", d.strip(' "'))[0] for d in test_extra.group(1).split(",")} >= {"pytest", "triton"}
     assert test_cmd.strip().endswith("python -m pytest")
     assert "python -m pytest" in (root / ".ci" / "run").read_text()
+
+
+def test_readme_extend_example_runs(tmp_path):
+    """The README's "extend" example registers a method that then runs through apply (in a subprocess: the
+    registration would outlive the test)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = re.search(r"```python\n(# a method.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    code = code.replace("dit_sparse.apply(pipe,", "# dit_sparse.apply(pipe,")
+    script = tmp_path / "extend.py"
+    script.write_text(
+        code
+        + "\nimport sys\nsys.path.insert(0, sys.argv[1])\nfrom tiny_dit import BUILDERS, run\n"
+        + "model, inputs = BUILDERS['wan']()\n"
+        + "dit_sparse.apply(model, DiagonalConfig(width=1, block_size=16, min_seq_len=0))\n"
+        + "run(model, inputs)\nprint(dit_sparse.report(model).density)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, str(script), str(root / "tests")], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert 0 < float(res.stdout.strip().splitlines()[-1]) < 0.5
