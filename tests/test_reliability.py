@@ -323,3 +323,21 @@ def test_readme_extend_example_runs(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert 0 < float(res.stdout.strip().splitlines()[-1]) < 0.5
+
+
+def test_every_package_is_installed():
+    """A non-editable install carries every sub-package (pyproject's explicit package list)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(dit_sparse[\w.]*)"', re.search(r"^packages = \[(.*)\]$", text, flags=re.M).group(1)))
+    folders = {"dit_sparse": "dit_sparse", "kernels": "dit_sparse.kernels", "pipelines": "dit_sparse.pipelines",
+               "eval": "dit_sparse.eval"}  # fmt: skip
+    found = set()
+    for folder, package in folders.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((package, *rel)))
+    assert found <= listed, f"not installed: {sorted(found - listed)}"
