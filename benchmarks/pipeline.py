@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from dit_sparse.processor import _sdpa_args
+
 SHAPES = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
 CONFIGS = ("dense", "radial", "window", "draft", "adaspa", "rettention", "sage", "fbc", "radial+fbc")
 
@@ -43,9 +45,9 @@ class SageSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            if q.shape[-2] == k.shape[-2] >= 1024 and kwargs.get("attn_mask") is None:
-                return self.sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=kwargs.get("scale"))
+            q, k, v, mask, dropout_p, is_causal, scale, _ = _sdpa_args(*args, **kwargs)
+            if q.shape[-2] == k.shape[-2] >= 1024 and mask is None and not is_causal and dropout_p == 0.0:
+                return self.sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
         return func(*args, **kwargs)
 
 
