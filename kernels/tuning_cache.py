@@ -177,4 +177,13 @@ class TuningFile:
             )
 
 
-__all__ = ["DEFAULT_FOLDER", "ENV", "TuningFile", "cache_folder", "cache_path", "key_from_json", "key_to_json", "machine"]
+__all__ = [
+    "DEFAULT_FOLDER",
+    "ENV",
+    "TuningFile",
+    "cache_folder",
+    "cache_path",
+    "key_from_json",
+    "key_to_json",
+    "machine",
+]
