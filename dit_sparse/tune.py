@@ -17,7 +17,7 @@ import torch
 
 from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.kernels import triton_attention as ta
-from dit_sparse.kernels.tuning_cache import ENV, TuningFile
+from dit_sparse.kernels.tuning_cache import ENV, cache_folder
 from dit_sparse.plan import BlockPlan, num_blocks
 
 
@@ -67,7 +67,7 @@ def tune(
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"tune needs a CUDA GPU (the Triton kernel is timed on it); got device {device}")
-    if TuningFile.current() is None:
+    if cache_folder() is None:
         raise RuntimeError(f"the tuning cache is off ({ENV}=off): the results would be lost; unset {ENV}")
     if os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
         raise RuntimeError("autotuning is off (DIT_SPARSE_AUTOTUNE=0): nothing would be tuned; unset it")
