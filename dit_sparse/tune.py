@@ -21,6 +21,10 @@ from dit_sparse.kernels.tuning_cache import ENV, cache_folder
 from dit_sparse.plan import BlockPlan, num_blocks
 
 
+class TuneError(RuntimeError):
+    """Pre-tuning cannot run here (no CUDA, tuning cache or autotuning off); the message says what to change."""
+
+
 def random_plan(
     seq_len: int,
     heads: int,
@@ -62,15 +66,15 @@ def tune(
     Returns one row per combination: the problem, ``config`` (the configuration chosen) and ``source``: ``tuned``
     (timed now), ``cache`` (read from the tuning file) or ``untimed`` (a key already chosen in this process, or a
     single candidate configuration: nothing to tune).
-    Needs CUDA, the tuning cache on and autotuning on (a RuntimeError that says what to change otherwise).
+    Needs CUDA, the tuning cache on and autotuning on (else a :class:`TuneError` that says what to change).
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"tune needs a CUDA GPU (the Triton kernel is timed on it); got device {device}")
+        raise TuneError(f"tune needs a CUDA GPU (the Triton kernel is timed on it); got device {device}")
     if cache_folder() is None:
-        raise RuntimeError(f"the tuning cache is off ({ENV}=off): the results would be lost; unset {ENV}")
+        raise TuneError(f"the tuning cache is off ({ENV}=off): the results would be lost; unset {ENV}")
     if os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
-        raise RuntimeError("autotuning is off (DIT_SPARSE_AUTOTUNE=0): nothing would be tuned; unset it")
+        raise TuneError("autotuning is off (DIT_SPARSE_AUTOTUNE=0): nothing would be tuned; unset it")
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     for (batch, heads, seq_len), d, dtype, density, block, perm in itertools.product(
@@ -101,4 +105,4 @@ def tune(
     return rows
 
 
-__all__ = ["random_plan", "tune"]
+__all__ = ["TuneError", "random_plan", "tune"]

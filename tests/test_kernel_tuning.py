@@ -101,15 +101,15 @@ def test_random_plans_for_pre_tuning_have_the_asked_density_and_order():
 
 def test_pre_tuning_says_it_needs_cuda_and_the_cache(monkeypatch):
     from dit_sparse.kernels.tuning_cache import ENV
-    from dit_sparse.tune import tune
+    from dit_sparse.tune import TuneError, tune
 
-    with pytest.raises(RuntimeError, match="tune needs a CUDA GPU .*got device cpu"):
+    with pytest.raises(TuneError, match="tune needs a CUDA GPU .*got device cpu"):
         tune([(1, 2, 256)], device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv(ENV, "off")
-    with pytest.raises(RuntimeError, match=f"the tuning cache is off .*unset {ENV}"):
+    with pytest.raises(TuneError, match=f"the tuning cache is off .*unset {ENV}"):
         tune([(1, 2, 256)])
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setenv("DIT_SPARSE_AUTOTUNE", "0")
-    with pytest.raises(RuntimeError, match=r"autotuning is off \(DIT_SPARSE_AUTOTUNE=0\): nothing would be tuned"):
+    with pytest.raises(TuneError, match=r"autotuning is off \(DIT_SPARSE_AUTOTUNE=0\): nothing would be tuned"):
         tune([(1, 2, 256)])
