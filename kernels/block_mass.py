@@ -246,7 +246,7 @@ def _launch(q, k, block, lse, lse_out, scale, cfg: MassConfig) -> torch.Tensor:
     return part if q_sub == 1 else part.view(b, h, m, q_sub, m).sum(3)
 
 
-TUNER: Tuner[MassConfig] = Tuner("triton block mass")
+TUNER: Tuner[MassConfig] = Tuner("triton block mass", persist=True)
 """The autotune results of the block-mass kernel, keyed by (head dim, dtype, block, LSE computed, size bucket)."""
 
 

@@ -554,7 +554,7 @@ def _launch(
     )
 
 
-TUNER: Tuner[KernelConfig] = Tuner("triton block-sparse attention")
+TUNER: Tuner[KernelConfig] = Tuner("triton block-sparse attention", persist=True)
 """The autotune results of this kernel (best configuration per :class:`TuneKey`, log, last configuration)."""
 
 

@@ -2,14 +2,17 @@
 
 Each Triton kernel owns one :class:`Tuner`. The first call with a new key times every candidate configuration and
 keeps the fastest; later calls with that key reuse it. Keys are tuples (or named tuples) of str / int / bool and
-configurations frozen dataclasses, so that the results can be stored per machine (GPU name, driver, torch and
-triton versions) and loaded back without retuning.
+configurations frozen dataclasses named by ``str``. A persistent tuner (the kernels') stores its results on disk per
+machine (GPU name, driver, torch, triton and dit-sparse versions, see :mod:`~dit_sparse.kernels.tuning_cache`) and
+reads a key's stored result back on its first use in a process instead of timing it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
+
+from dit_sparse.kernels.tuning_cache import TuningFile
 
 C = TypeVar("C", bound=Hashable)
 
@@ -21,12 +24,15 @@ class Tuner(Generic[C]):
         kernel: the kernel's name (messages, and the file name a stored tuner would use).
         best: key → the fastest configuration timed for it.
         log: one dict per configuration timed: ``key``, ``config``, and ``ms`` (median) or ``error``, plus what the
-            kernel adds (e.g. the shape).
+            kernel adds (e.g. the shape); a configuration read from the tuning file instead has ``cached`` (the
+            file) and ``stored_ms`` in place of ``ms``.
         last: the configuration of the latest launch (benchmarks), None before any.
+        persist: whether results are read from and written to the tuning file (default False; the kernels' are).
     """
 
-    def __init__(self, kernel: str) -> None:
+    def __init__(self, kernel: str, persist: bool = False) -> None:
         self.kernel = kernel
+        self.persist = persist
         self.best: dict[tuple, C] = {}
         self.log: list[dict[str, Any]] = []
         self.last: C | None = None
@@ -38,13 +44,22 @@ class Tuner(Generic[C]):
         time_ms: Callable[[C], float],
         **details: Any,
     ) -> C:
-        """The fastest of ``candidates`` for ``key``: cached, else each is timed once with ``time_ms(config)``.
+        """The fastest of ``candidates`` for ``key``: cached, else stored in the tuning file (persistent tuners, more
+        than one candidate), else each is timed once with ``time_ms(config)`` (and the winner stored).
 
         A candidate whose timing raises (does not compile, does not fit in shared memory) is logged and skipped;
-        a RuntimeError when none runs. ``details`` go into each log entry.
+        a RuntimeError when none runs. ``details`` go into each log entry. Only a key's first use reads the
+        environment and the file.
         """
         if key in self.best:
             return self.best[key]
+        file = TuningFile.current() if self.persist and len(candidates) > 1 else None
+        stored = file.lookup(self.kernel, key, candidates) if file is not None else None
+        if stored is not None:
+            cfg, ms = stored
+            self.log.append({"key": str(key), "config": str(cfg), **details, "cached": str(file.path), "stored_ms": ms})
+            self.best[key] = cfg
+            return cfg
         times: dict[C, float] = {}
         for cfg in candidates:
             entry: dict[str, Any] = {"key": str(key), "config": str(cfg), **details}
@@ -55,8 +70,10 @@ class Tuner(Generic[C]):
             self.log.append(entry)
         if not times:
             raise RuntimeError(f"no {self.kernel} configuration ran for {key}; see its tuner's log")
-        self.best[key] = min(times, key=times.__getitem__)
-        return self.best[key]
+        best = self.best[key] = min(times, key=times.__getitem__)
+        if file is not None:
+            file.record(self.kernel, key, best, times[best])
+        return best
 
     def used(self, cfg: C) -> C:
         """Record ``cfg`` as the latest launch's configuration and return it."""

@@ -83,3 +83,33 @@ def test_triton_attention_records_its_launch_configuration(monkeypatch):
     assert ta.TUNER.last == ta.KernelConfig(32, 32, 4, 1)  # the interpreter's one candidate, fitted to the blocks
     block_sparse_attention(q, q, q, BlockPlan.full(64, 16), backend="triton")
     assert ta.TUNER.last == ta.KernelConfig(16, 16, 4, 1)
+
+
+def test_random_plans_for_pre_tuning_have_the_asked_density_and_order():
+    from dit_sparse.tune import random_plan
+
+    g = torch.Generator().manual_seed(0)
+    for density, kept in ((1.0, 8), (0.25, 2), (0.01, 1)):  # 1000 tokens in 8 blocks of 128 (the last partial)
+        plan = random_plan(1000, 3, 128, density, generator=g)
+        assert plan.kv_num_blocks.shape == (1, 3, 8) and (plan.kv_num_blocks == kept).all() and plan.perm is None
+        assert (plan.block_mask().sum(-1) == kept).all()
+    plan = random_plan(1000, 3, 128, 0.5, True, generator=g)
+    assert sorted(plan.perm.tolist()) == list(range(1000)) and plan.perm.tolist() != list(range(1000))
+    with pytest.raises(ValueError, match=r"density must lie in \(0, 1\], got 0.0"):
+        random_plan(1000, 3, 128, 0.0)
+
+
+def test_pre_tuning_says_it_needs_cuda_and_the_cache(monkeypatch):
+    from dit_sparse.kernels.tuning_cache import ENV
+    from dit_sparse.tune import TuneError, tune
+
+    with pytest.raises(TuneError, match="tune needs a CUDA GPU .*got device cpu"):
+        tune([(1, 2, 256)], device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(ENV, "off")
+    with pytest.raises(TuneError, match=f"the tuning cache is off .*unset {ENV}"):
+        tune([(1, 2, 256)])
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("DIT_SPARSE_AUTOTUNE", "0")
+    with pytest.raises(TuneError, match=r"autotuning is off \(DIT_SPARSE_AUTOTUNE=0\): nothing would be tuned"):
+        tune([(1, 2, 256)])

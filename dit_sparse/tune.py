@@ -1,0 +1,108 @@
+"""Pre-tuning: fill the tuning file (:mod:`dit_sparse.kernels.tuning_cache`) before a generation, so that its first
+steps do not time kernel configurations.
+
+:func:`tune` calls the Triton attention kernel on random plans at the given problem shapes and densities, on q, k
+and v laid out as Diffusers passes them (``[B, N, H, D]`` memory seen as ``[B, H, N, D]``); each new tuning key is
+timed once and stored, keys already in the file are only read back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.kernels import triton_attention as ta
+from dit_sparse.kernels.tuning_cache import ENV, cache_folder
+from dit_sparse.plan import BlockPlan, num_blocks
+
+
+class TuneError(RuntimeError):
+    """Pre-tuning cannot run here (no CUDA, tuning cache or autotuning off); the message says what to change."""
+
+
+def random_plan(
+    seq_len: int,
+    heads: int,
+    block: int,
+    density: float,
+    permuted: bool = False,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> BlockPlan:
+    """A plan where every (head, query block) row lists ``round(density · Mk)`` random key blocks (at least one),
+    with a random token order when ``permuted``."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    mq, mk = num_blocks(seq_len, block), num_blocks(seq_len, block)
+    keep = max(1, round(density * mk))
+    scores = torch.rand(1, heads, mq, mk, generator=generator)
+    mask = torch.zeros(1, heads, mq, mk, dtype=torch.bool).scatter_(-1, scores.topk(keep, -1).indices, True)
+    perm = torch.randperm(seq_len, generator=generator) if permuted else None
+    return BlockPlan.from_block_mask(mask, seq_len, block, perm=perm).to(device or "cpu")
+
+
+def tune(
+    shapes: Sequence[tuple[int, int, int]],
+    head_dims: Sequence[int] = (128,),
+    dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
+    densities: Sequence[float] = (1.0, 0.5, 0.25, 0.125, 0.0625),
+    *,
+    blocks: Sequence[int] = (128,),
+    permuted: Sequence[bool] = (False, True),
+    device: torch.device | str = "cuda",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Tune the Triton attention kernel for every combination of ``shapes`` (``(batch, heads, seq_len)``),
+    ``head_dims``, ``dtypes`` (default bfloat16), ``densities`` (default 1 down to 1/16, one per tuning octave),
+    ``blocks`` (plan block sizes, default 128, the methods' default) and ``permuted`` (plans with a token order,
+    default both); the results go to the tuning file.
+
+    Returns one row per combination: the problem, ``config`` (the configuration chosen) and ``source``: ``tuned``
+    (timed now), ``cache`` (read from the tuning file) or ``untimed`` (a key already chosen in this process, or a
+    single candidate configuration: nothing to tune).
+    Needs CUDA, the tuning cache on and autotuning on (else a :class:`TuneError` that says what to change).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise TuneError(f"tune needs a CUDA GPU (the Triton kernel is timed on it); got device {device}")
+    if cache_folder() is None:
+        raise TuneError(f"the tuning cache is off ({ENV}=off): the results would be lost; unset {ENV}")
+    if os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
+        raise TuneError("autotuning is off (DIT_SPARSE_AUTOTUNE=0): nothing would be tuned; unset it")
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    for (batch, heads, seq_len), d, dtype, density, block, perm in itertools.product(
+        shapes, head_dims, dtypes, densities, blocks, permuted
+    ):
+        plan = random_plan(seq_len, heads, block, density, perm, device=device, generator=generator)
+        q, k, v = (torch.randn(batch, seq_len, heads, d, dtype=dtype, device=device).transpose(1, 2) for _ in "qkv")
+        n_log = len(ta.TUNER.log)
+        block_sparse_attention(q, k, v, plan, backend="triton")
+        new = ta.TUNER.log[n_log:]
+        source = "untimed" if not new else "cache" if "cached" in new[0] else "tuned"
+        rows.append(
+            dict(
+                batch=batch,
+                heads=heads,
+                seq_len=seq_len,
+                head_dim=d,
+                dtype=str(dtype),
+                density=density,
+                block=block,
+                permuted=perm,
+                config=str(ta.TUNER.last),
+                source=source,
+            )  # fmt: skip
+        )
+        del q, k, v, plan
+    torch.cuda.synchronize(device)
+    return rows
+
+
+__all__ = ["TuneError", "random_plan", "tune"]
