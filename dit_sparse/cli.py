@@ -31,15 +31,12 @@ from dit_sparse.methods.svdit import SvditConfigError
 from dit_sparse.methods.svdit_search import FEEDS, SELECTIONS
 from dit_sparse.pipelines import supported_models
 from dit_sparse.preflight import CLIError
+from dit_sparse.tune import TuneError
 
 PROG = "dit-sparse"
 DTYPES = ("float32", "float16", "bfloat16")
-USER_ERRORS = (
-    CLIError,
-    EstimateError,
-    SvditConfigError,
-    RunFolderBusy,
-)  # one line and exit status 2; anything else is a bug
+# one line and exit status 2; anything else is a bug
+USER_ERRORS = (CLIError, EstimateError, SvditConfigError, RunFolderBusy, TuneError)
 
 __all__ = ["CLIError", "build_parser", "check_method", "main", "parse_params", "parse_seeds"]
 
@@ -268,12 +265,38 @@ def _add_search(sub: Any) -> None:
     s.set_defaults(func=commands.cmd_search)
 
 
+def _bhn(text: str) -> tuple[int, int, int]:
+    """``BATCH,HEADS,SEQ_LEN`` of a ``tune`` problem."""
+    try:
+        b, h, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write BATCH,HEADS,SEQ_LEN (e.g. 2,12,32760), got {text!r}") from None
+    if min(b, h, n) < 1:
+        raise argparse.ArgumentTypeError(f"BATCH,HEADS,SEQ_LEN must be >= 1, got {text!r}")
+    return b, h, n
+
+
+def _add_tune(sub: Any) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="pre-tune the Triton attention kernel into the tuning cache (CUDA only)",
+        description="Times the kernel's configurations at the given problems and stores the fastest in "
+        "$DIT_SPARSE_TUNING_CACHE (default ~/.cache/dit_sparse/tuning), so that a new process skips autotuning.",
+    )
+    t.add_argument("--shapes", nargs="+", type=_bhn, required=True, help="BATCH,HEADS,SEQ_LEN, e.g. 2,12,32760")
+    t.add_argument("--head-dims", nargs="+", type=_positive, default=[128], help="head dims (default 128)")
+    t.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
+    t.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.125, 0.0625])
+    t.add_argument("--blocks", nargs="+", type=_positive, default=[128], help="block sizes (default 128)")
+    t.set_defaults(func=commands.cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog=PROG, description="Sparse attention for video diffusion transformers.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_generate, _add_eval, _add_bench, _add_search):
+    for add in (_add_generate, _add_eval, _add_bench, _add_search, _add_tune):
         add(sub)
     return parser
 

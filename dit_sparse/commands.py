@@ -216,3 +216,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"{name}: {len(section['layers'])} layers, modes {counts}, mean density {mean:.3f}")
     print(f"wrote {verify_written(out)}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Pre-tune the Triton attention kernel (:func:`dit_sparse.tune.tune`); one line per problem."""
+    import torch  # noqa: PLC0415
+
+    from dit_sparse.tune import tune  # noqa: PLC0415
+
+    rows = tune(
+        args.shapes, args.head_dims, [getattr(torch, d) for d in args.dtypes], args.densities, blocks=args.blocks
+    )
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0

@@ -333,3 +333,12 @@ def test_choices_come_from_the_registries(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "{" + ",".join(sorted(bench.MODELS)) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_tune_needs_cuda_and_checks_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _err(capsys, ["tune", "--shapes", "1,2,256"])
+    assert "tune needs a CUDA GPU" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["tune", "--shapes", "1,2"])
+    assert "BATCH,HEADS,SEQ_LEN" in capsys.readouterr().err
