@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,9 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dit_sparse.files import environment
 from dit_sparse.kernels import AttentionCall, block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
+from dit_sparse.tune import random_plan as tune_random_plan
 
 # (heads, seq_len, head_dim, latent grid): the grid shapes the radial-like plan and the methods' permutations
 # (Wan 2.1 480p / 720p 81 frames: 21x30x52, 21x45x80; CogVideoX 480x720 49 frames: 13x30x45)
@@ -51,16 +52,8 @@ BLOCK = 128
 
 
 def random_plan(heads: int, n: int, density: float, gen: torch.Generator, device: str) -> BlockPlan:
-    """Every (head, query block) keeps its diagonal block plus random others: round(density·Mk) blocks a row."""
-    m = -(-n // BLOCK)
-    if density >= 1.0:
-        return BlockPlan.from_block_mask(torch.ones(1, 1, m, m, dtype=torch.bool, device=device), n, BLOCK)
-    keep = max(1, round(density * m))
-    scores = torch.rand(heads, m, m, generator=gen, device="cpu")
-    scores[:, torch.arange(m), torch.arange(m)] = 2.0  # the diagonal always wins
-    idx = scores.topk(keep, dim=-1).indices
-    mask = torch.zeros(heads, m, m, dtype=torch.bool).scatter_(-1, idx, True)
-    return BlockPlan.from_block_mask(mask.unsqueeze(0).to(device), n, BLOCK)
+    """The random plans ``dit-sparse tune`` tunes (:func:`dit_sparse.tune.random_plan`), at this benchmark's block."""
+    return tune_random_plan(n, heads, BLOCK, density, device=device, generator=gen)
 
 
 def radial_plan(n: int, frames: int, device: str) -> BlockPlan:
@@ -480,7 +473,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --shapes 2x700x64 as a dry run)")
-    import triton
 
     from dit_sparse.kernels import triton_attention as ta
 
@@ -488,11 +480,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     results = dict(
+        environment(),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        python=platform.python_version(),
         command="python " + " ".join(sys.argv),
         env={k: v for k, v in os.environ.items() if k.startswith("DIT_SPARSE")},
         rounds=args.rounds,

@@ -35,16 +35,25 @@ def random_plan(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> BlockPlan:
-    """A plan where every (head, query block) row lists ``round(density · Mk)`` random key blocks (at least one),
-    with a random token order when ``permuted``."""
+    """A plan where every (head, query block) row keeps its diagonal block plus random others, ``round(density ·
+    Mk)`` blocks a row (density 1: the full plan), with a random token order when ``permuted``: the plans the kernel
+    benchmark times (``benchmarks/kernels.py``) and ``tune`` tunes."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density!r}")
-    mq, mk = num_blocks(seq_len, block), num_blocks(seq_len, block)
-    keep = max(1, round(density * mk))
-    scores = torch.rand(1, heads, mq, mk, generator=generator)
-    mask = torch.zeros(1, heads, mq, mk, dtype=torch.bool).scatter_(-1, scores.topk(keep, -1).indices, True)
+    m = num_blocks(seq_len, block)
     perm = torch.randperm(seq_len, generator=generator) if permuted else None
-    return BlockPlan.from_block_mask(mask, seq_len, block, perm=perm).to(device or "cpu")
+    if density >= 1.0:
+        mask = torch.ones(1, heads, m, m, dtype=torch.bool)
+    else:
+        scores = torch.rand(heads, m, m, generator=generator)
+        scores[:, torch.arange(m), torch.arange(m)] = 2.0  # the diagonal always wins
+        mask = torch.zeros(heads, m, m, dtype=torch.bool).scatter_(
+            -1, scores.topk(max(1, round(density * m)), -1).indices, True
+        )
+        mask = mask.unsqueeze(0)
+    return BlockPlan.from_block_mask(
+        mask.to(device or "cpu"), seq_len, block, perm=None if perm is None else perm.to(device or "cpu")
+    )
 
 
 def tune(
