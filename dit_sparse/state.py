@@ -197,7 +197,7 @@ class TransformerStats:
 
 @dataclass
 class Frame:
-    """What one transformer forward publishes to its attention modules: layout, step, CFG pass, warm-up."""
+    """What one transformer forward publishes to its attention modules: layout, step, CFG pass, schedule length."""
 
     tracker: Tracker
     layout: TokenLayout
@@ -205,7 +205,6 @@ class Frame:
     timestep: float | None
     cfg_pass: str
     num_steps: int | None = None
-    dense_steps: int = 0
     start: Any = None
     _layouts: dict[tuple[int, int], TokenLayout | None] = field(default_factory=dict)
 
@@ -359,10 +358,10 @@ class Tracker:
             stats.steps += 1
         if state.cfg_pass not in stats.passes:
             stats.passes.append(state.cfg_pass)
-        dense_steps = self.processor.method.config.warmup_steps(state.num_steps) if self.processor else 0
-        stats.num_steps, stats.dense_steps = state.num_steps, dense_steps
+        stats.num_steps = state.num_steps
+        stats.dense_steps = self.processor.method.config.warmup_steps(state.num_steps) if self.processor else 0
         start = Timer.start(inputs["hidden_states"].device)
-        self.frame = Frame(self, layout, state.step, timestep, state.cfg_pass, state.num_steps, dense_steps, start)
+        self.frame = Frame(self, layout, state.step, timestep, state.cfg_pass, state.num_steps, start)
         self.active = True
         return self.frame
 
