@@ -22,6 +22,7 @@ Conventions (all backends honour them the same way):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -35,6 +36,9 @@ HEAD_DENSE = 1
 HEAD_SKIP = 2
 
 T = TypeVar("T")
+
+_OWNERS: weakref.WeakValueDictionary[int, BlockPlan] = weakref.WeakValueDictionary()
+"""Live plans by ``id(kv_indices)`` (:meth:`BlockPlan.owning`)."""
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -98,11 +102,21 @@ class BlockPlan:
                 raise ValueError(f"perm must have shape ({self.seq_len},), got {tuple(self.perm.shape)}")
             if self.inv_perm is None:
                 object.__setattr__(self, "inv_perm", torch.argsort(self.perm))
+        if not torch.compiler.is_compiling():
+            _OWNERS[id(self.kv_indices)] = self
         if self.head_mode is not None:
             if self.kv_num_blocks.shape[1] not in (1, len(self.head_mode)):
                 raise ValueError(f"head_mode has {len(self.head_mode)} heads but the plan has {self.heads}")
             if any(m not in (HEAD_PLANNED, HEAD_DENSE, HEAD_SKIP) for m in self.head_mode):
                 raise ValueError(f"head_mode entries must be HEAD_PLANNED, HEAD_DENSE or HEAD_SKIP: {self.head_mode}")
+
+    @staticmethod
+    def owning(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> BlockPlan | None:
+        """The live plan whose tensors these are (a custom op given a plan's tensors finds its cache), else None."""
+        plan = _OWNERS.get(id(kv_indices))
+        if plan is None or plan.kv_indices is not kv_indices or plan.kv_num_blocks is not kv_num_blocks:
+            return None
+        return plan
 
     # ------------------------------------------------------------------ shape
     @property

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dit_sparse import graph
 from dit_sparse.finder import FINDER
 from dit_sparse.kernels.api import BACKENDS, block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import MethodConfig, get_method
 from dit_sparse.plan import BlockPlan
-from dit_sparse.state import SITE_ATTR, Frame, LayerStats, StepContext, in_backward
+from dit_sparse.state import SITE_ATTR, Frame, LayerStats, Site, StepContext, in_backward
 from dit_sparse.timing import Timer
 
 DEFAULT_METHOD = "radial"
@@ -415,9 +416,13 @@ def _frame_of(attn: nn.Module, compiled: bool = False) -> tuple[Frame, str, int 
     """(frame, layer name, self-attention index) of the transformer forward running ``attn``; a clear error outside
     any (the frame of the last forward serves gradient checkpointing's re-run in backward)."""
     site = attn.__dict__.get(SITE_ATTR)
+    return _frame_at(site, type(attn).__name__, compiled), site.name, site.index
+
+
+def _frame_at(site: Site | None, module_type: str, compiled: bool = False) -> Frame:
     tracker = site.tracker_ref() if site is not None else None
     if tracker is not None and tracker.frame is not None and (tracker.active or in_backward()):
-        return tracker.frame, site.name, site.index
+        return tracker.frame
     from dit_sparse.pipelines import supported_models
 
     hint = ""
@@ -429,9 +434,17 @@ def _frame_of(attn: nn.Module, compiled: bool = False) -> tuple[Frame, str, int 
     elif tracker is None and site is None:
         hint = " (if it is one: dit_sparse.apply(pipe_or_transformer, ...) tracks it without the Diffusers way)"
     raise TypeError(
-        f"SparseProcessor was called for a {type(attn).__name__} outside the forward of a supported "
+        f"SparseProcessor was called for a {module_type} outside the forward of a supported "
         f"transformer; supported transformers: {', '.join(supported_models())}{hint}"
     )
+
+
+def route_call(site: Site, func: Any, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run one self-attention SDPA call of the module at ``site`` through its tracker's processor, at run time
+    (the real implementation of the ``dit_sparse::attend`` op of compiled graphs, :mod:`dit_sparse.graph`)."""
+    frame = _frame_at(site, "self-attention module", compiled=True)
+    processor = frame.tracker.processor
+    return processor.attention(_Route(frame, site.name, site.index), func, args, kwargs)
 
 
 @torch.compiler.disable
@@ -459,7 +472,8 @@ def _attend_eager(processor: SparseProcessor, attn: nn.Module, func: Any, args: 
 
 
 class _CompiledRouter(TorchFunctionMode):
-    """The router Dynamo traces: hands the native processor's SDPA calls to :func:`_attend_eager` (a graph break)."""
+    """The router Dynamo traces: hands the native processor's SDPA calls to the ``dit_sparse::attend`` op
+    (:mod:`dit_sparse.graph`, no graph break), or to :func:`_attend_eager` (a graph break) when gradients flow."""
 
     def __init__(self, processor: SparseProcessor, attn: nn.Module) -> None:
         super().__init__()
@@ -470,6 +484,11 @@ class _CompiledRouter(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.seen = True
+            site = self.attn.__dict__.get(SITE_ATTR)
+            q, k, v = _sdpa_args(*args, **kwargs)[:3]
+            if site is not None and site.key is not None and graph.traceable(q, k, v):  # no int read: no guard
+                tracker = site.tracker_ref()
+                return graph.attend(site, args, kwargs, None if tracker is None else tracker.token)
             return _attend_eager(self.processor, self.attn, func, args, kwargs)
         if isinstance(func, FunctionType) and args and isinstance(args[0], torch.Tensor):
             # Tensor methods written in Python (unflatten, __rsub__, ...): Dynamo cannot trace their body under a mode

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_sparse import graph
 from dit_sparse.layout import TokenLayout
 from dit_sparse.timing import Timer
 
@@ -225,13 +226,15 @@ class Frame:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Site:
-    """Where a tracked attention module sits: its tracker (weakly), qualified name and self-attention index."""
+    """Where a tracked attention module sits: its tracker (weakly), qualified name and self-attention index; ``key``
+    names it to compiled graphs (:mod:`dit_sparse.graph`)."""
 
     tracker_ref: weakref.ReferenceType
     name: str
     index: int | None
+    key: torch.Tensor | None = None
 
 
 def get_tracker(model: nn.Module) -> Tracker | None:
@@ -267,6 +270,8 @@ class Tracker:
         applied: True for :func:`dit_sparse.apply`, False when found the Diffusers way.
         state, stats: the generation state and the statistics ``dit_sparse.report`` reads.
         frame: the running (or, between forwards, the last) forward's :class:`Frame`; ``active`` says which.
+        key, token: the tracker's name in compiled graphs and the token of the forward being traced
+            (:mod:`dit_sparse.graph`).
     """
 
     def __init__(self, model: nn.Module, adapter: Any, component: str = "transformer", pipe: Any = None) -> None:
@@ -282,6 +287,8 @@ class Tracker:
         self.frame: Frame | None = None
         self.active = False
         self.hook: Any = None
+        self.key = graph.tracker_key(self)
+        self.token: torch.Tensor | None = None
         self._sparse_modules: list[tuple[str, nn.Module]] = []
 
     @property
@@ -307,7 +314,8 @@ class Tracker:
         index = 0
         for name, module in adapter.attention_modules(model):
             self_attention = adapter.is_self_attention(name)
-            module.__dict__[SITE_ATTR] = Site(ref, name, index if self_attention else None)
+            key = graph.site_key() if self_attention else None
+            module.__dict__[SITE_ATTR] = graph.register_site(Site(ref, name, index if self_attention else None, key))
             index += self_attention
         return tracker
 
@@ -425,8 +433,9 @@ def _hook_cls() -> type:
         """Stateful Diffusers hook owning a :class:`Tracker`: publishes each forward's frame, holds the pipeline's
         cache context, and resets the generation after a pipeline call.
 
-        ``torch.compile(transformer)`` traces the hook: :meth:`pre_forward` and :meth:`post_forward` run eagerly
-        (a graph break at the start and the end of the forward), so each forward publishes its own step.
+        ``torch.compile(transformer)`` traces the hook: the tracker's ``begin`` and ``end`` then run at run time as
+        custom ops of the graph (:mod:`dit_sparse.graph`), so each forward still publishes its own step and nothing
+        breaks the graph.
         """
 
         _is_stateful = True
@@ -436,14 +445,19 @@ def _hook_cls() -> type:
             self.tracker = tracker
             self.state_manager = StateManager(BaseState)  # Diffusers' cache_context(...) sets its context
 
-        @torch.compiler.disable
         def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-            self.tracker.begin(args, kwargs)
+            if torch.compiler.is_compiling():
+                graph.begin_forward(self.tracker, args, kwargs)
+            else:
+                self.tracker.token = None
+                self.tracker.begin(args, kwargs)
             return args, kwargs
 
-        @torch.compiler.disable
         def post_forward(self, module: nn.Module, output: Any) -> Any:
-            self.tracker.end()
+            if torch.compiler.is_compiling():
+                graph.end_forward(self.tracker, output)
+            else:
+                self.tracker.end()
             return output
 
         def reset_state(self, module: nn.Module) -> nn.Module:

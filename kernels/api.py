@@ -80,6 +80,9 @@ def block_sparse_attention(
 
     Returns:
         ``out`` ``[B, H, N, D]`` in q's dtype (and ``lse``). Rows of HEAD_SKIP heads are 0 with LSE ``-inf``.
+
+    Inside code that ``torch.compile`` traces, the call is the custom op ``dit_sparse::block_sparse_attention``
+    (:mod:`dit_sparse.kernels.ops`): no graph break.
     """
     check_qkv(q, k, v)
     b, h, n, d = q.shape
@@ -90,6 +93,13 @@ def block_sparse_attention(
         if kv_len.shape != (b,):
             raise ValueError(f"kv_len must have shape ({b},), got {tuple(kv_len.shape)}")
         kv_len = kv_len.to(q.device)
+    if torch.compiler.is_compiling():  # traced: the custom op (kernels/ops.py), opaque to the compiler
+        from dit_sparse.kernels.ops import traced_block_sparse_attention
+
+        out, lse = traced_block_sparse_attention(
+            q, k, v, plan, d**-0.5 if scale is None else float(scale), backend, kv_len
+        )
+        return (out, lse) if return_lse else out
     call = AttentionCall(q, k, v, plan, d**-0.5 if scale is None else float(scale), return_lse, kv_len)
     if backend == "auto":
         chosen = choose_backend(call)

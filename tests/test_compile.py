@@ -249,3 +249,148 @@ def test_cli_bench_compile_option(monkeypatch: pytest.MonkeyPatch):
     assert (models, shapes, methods) == (["wan2.1-1.3b"], ["720p"], ["window"])
     with pytest.raises(SystemExit):
         main(["bench", "--compile", "max-autotune"])
+
+
+# ---------------------------------------------------------------------------------------------- no graph breaks
+BREAK_FREE = {
+    "dense": dict(block_size=16, min_seq_len=0),
+    "window": dict(dense_steps=1, **WINDOW),
+    "radial": dict(dense_steps=1, **RADIAL),
+    "svdit": dict(default_mode="diagonal", block_size=16, min_seq_len=0, dense_steps=1),
+    "draft": dict(block_size=16, pool=(4, 4), min_seq_len=0, dense_steps=1, dense_layers=0),
+    "adaspa": dict(block_size=16, min_seq_len=0, dense_steps=1),
+    "rettention": dict(block_size=16, min_seq_len=0, dense_steps=1),
+}
+
+
+def _generations(model: Any, call: Any, inputs: dict[str, Any], n: int = 2, steps: int = 3) -> list[torch.Tensor]:
+    """``n`` generations of ``steps`` steps with two CFG passes each, the pipeline's way (named cache contexts)."""
+    outs = []
+    with torch.no_grad():
+        for _ in range(n):
+            for i in range(steps):
+                for name in ("cond", "uncond"):
+                    with model.cache_context(name):
+                        outs.append(call(**{**inputs, "timestep": inputs["timestep"] - 100.0 * i})[0])
+    return outs
+
+
+@pytest.mark.parametrize("method", list(BREAK_FREE))
+def test_no_graph_break_for_any_method(method: str):
+    """torch._dynamo.explain of a whole Wan transformer forward: 0 graph breaks, static and dynamic methods alike (the
+    self-attention call and the tracker's bookkeeping are custom ops, dit_sparse.graph)."""
+    model, inputs = BUILDERS["wan"]()
+    model.requires_grad_(False)
+    dit_sparse.apply(model, method, **BREAK_FREE[method])
+    try:
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(**inputs)
+    finally:
+        dit_sparse.remove(model)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_fullgraph_whole_transformer_never_recompiles(family: str):
+    """Diffusers' own compile test, with dit_sparse applied: torch.compile(transformer, fullgraph=True) of every family
+    with radial compiles once; two generations (dense warm-up step, sparse steps, CFG passes) under
+    error_on_recompile give the eager outputs and the eager report, twice."""
+    model, inputs = BUILDERS[family]()
+    model.requires_grad_(False)
+    params = BREAK_FREE["radial"]
+    dit_sparse.apply(model, "radial", **params)
+    eager = _generations(model, model, inputs)
+    want = dit_sparse.report(model, reset=True)
+    dit_sparse.apply(model, "radial", **params)  # a fresh generation state
+    before = _graphs()
+    try:
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        first = _generations(model, compiled, inputs)
+        graphs = _graphs() - before
+        got = dit_sparse.report(model, reset=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = _generations(model, compiled, inputs)
+        rep = dit_sparse.report(model)
+    finally:
+        dit_sparse.remove(model)
+    assert graphs == 1 and _graphs() - before == 1
+    for r in (got, rep):
+        assert (r.steps, r.generations, r.cfg_passes) == (want.steps, want.generations, want.cfg_passes) == (
+            6, 2, ["cond", "uncond"])  # fmt: skip
+        assert (r.calls, r.dense_calls, r.sparse_calls) == (want.calls, want.dense_calls, want.sparse_calls)
+        assert r.density == pytest.approx(want.density) and 0 < r.density <= 1
+    for a, b, c in zip(eager, first, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_regional_fullgraph_one_graph_for_every_block_and_step():
+    """compile_repeated_blocks(fullgraph=True) with adaspa (dynamic: search steps, cached plans): one graph serves
+    every block, the dense -> sparse switch and the search/reuse steps recompile nothing (count: 0)."""
+    model, inputs = BUILDERS["wan"]()
+    model.requires_grad_(False)
+    dit_sparse.apply(model, "adaspa", **BREAK_FREE["adaspa"])
+    eager = _generations(model, model, inputs, n=1)
+    dit_sparse.apply(model, "adaspa", **BREAK_FREE["adaspa"])
+    before = _graphs()
+    try:
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = _generations(model, model, inputs, n=1)
+        rep = dit_sparse.report(model)
+    finally:
+        dit_sparse.remove(model)
+    assert _graphs() - before == 1
+    assert rep.dense_calls == 2 * 2 and rep.sparse_calls == 2 * 2 * 2
+    for a, b in zip(eager, out, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_training_under_compile_keeps_the_graph_break():
+    """With gradients flowing the self-attention call stays the eager graph break (the ops have no autograd
+    formula), and the gradients are the eager ones."""
+    model, inputs = BUILDERS["wan"]()
+    dit_sparse.apply(model, "window", dense_steps=0, **WINDOW)
+    try:
+        explained = torch._dynamo.explain(model)(**inputs)
+        model.zero_grad()
+        model(**inputs)[0].square().mean().backward()
+        want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        torch.compile(model, backend="aot_eager")(**inputs)[0].square().mean().backward()
+        got = [p.grad for p in model.parameters() if p.grad is not None]
+    finally:
+        dit_sparse.remove(model)
+    assert explained.graph_break_count > 0
+    assert len(got) == len(want) > 0
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_op_fake_shapes_and_compiled_call():
+    """block_sparse_attention traced is the custom op dit_sparse::block_sparse_attention: torch.library.opcheck
+    passes (fake shapes, schema), a compiled call (inductor) has no break and gives the eager output and LSE, and
+    the op finds the plan object its tensors belong to."""
+    from dit_sparse.kernels import block_sparse_attention
+    from dit_sparse.kernels.ops import _op
+    from dit_sparse.plan import BlockPlan
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 100, 16, generator=g).transpose(1, 2).contiguous().transpose(1, 2) for _ in "qkv")
+    mask = (torch.rand(4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
+    plan = BlockPlan.from_block_mask(mask, 100, 32, perm=torch.randperm(100, generator=g), head_mode=(0, 2, 0))
+    assert BlockPlan.owning(plan.kv_num_blocks, plan.kv_indices) is plan
+    assert BlockPlan.owning(plan.kv_num_blocks, plan.kv_indices.clone()) is None
+    ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
+    args = (q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.perm, plan.inv_perm, None, 32, 32, [0, 2, 0], None,
+            0.25, "reference")  # fmt: skip
+    torch.library.opcheck(_op, args)
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, plan, return_lse=True)  # noqa: E731
+    assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0
+    torch._dynamo.reset()
+    out, lse = torch.compile(fn, backend="inductor", fullgraph=True)(q, k, v)
+    assert out.stride() == q.stride()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert (out[:, 1] == 0).all() and torch.isinf(lse[:, 1]).all()  # the skipped head
