@@ -200,7 +200,9 @@ class VoxelLayout(_Sequence):
     Attributes:
         coords: int64 ``[N, 3]`` coordinates of the voxel tokens, in the model's token order (any order; each
             cell at most once is expected but not checked). Kept as given (its device is the caller's).
-        resolution: the grid the coordinates lie in (default None: ``coords.max(0) + 1``, read once here).
+        resolution: the grid the coordinates lie in (default None: ``coords.max(0) + 1``, read once here, and the
+            coordinates checked to be >= 0; a given resolution is taken as it is, so that ``dataclasses.replace``
+            costs no device read).
         text_len, text_where, batch: as in :class:`TokenLayout`.
         digest: content digest of ``coords`` (leave None: filled in on first use).
 
