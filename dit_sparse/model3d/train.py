@@ -19,7 +19,13 @@ import torch
 from dit_sparse.train.common import Clock, log, lr_at
 
 from . import shapes
-from .model import TinyDiT3D, save
+from .model import TinyDiT3D, load, save
+
+
+def _resume(folder: str) -> tuple[TinyDiT3D, dict]:
+    """The saved model (trainable) and its training record (steps and minutes so far)."""
+    model = load(folder).train()
+    return model, model.meta["training"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,18 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="start from this saved model (fresh optimizer; steps add up)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = TinyDiT3D()
+    model, done = (TinyDiT3D(), {"steps": 0, "minutes": 0.0}) if args.init is None else _resume(args.init)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     log(f"TinyDiT3D {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    clock, rng, step, loss_avg = Clock(args.minutes), random.Random(args.seed), 0, None
-    gen = torch.Generator().manual_seed(args.seed)
+    clock, rng, step, loss_avg = Clock(args.minutes), random.Random(args.seed + done["steps"]), 0, None
+    gen = torch.Generator().manual_seed(args.seed + done["steps"])
     while not clock.done():
-        batch = shapes.sample(args.seed * 1_000_003 + step, args.batch)
+        batch = shapes.sample(args.seed * 1_000_003 + done["steps"] + step, args.batch)
         x0 = shapes.sdf(batch)
         prompts = ["" if rng.random() < args.drop else s.caption for s in batch]
         s = torch.rand(args.batch, generator=gen)
@@ -68,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     model.load_state_dict(ema)
     meta = {
         "training": {
-            "steps": step,
+            "steps": done["steps"] + step,
             "batch": args.batch,
-            "minutes": round(clock.elapsed / 60, 1),
+            "minutes": round(done["minutes"] + clock.elapsed / 60, 1),
             "loss_avg": round(loss_avg or 0.0, 4),
             "lr": args.lr,
             "prompt_dropout": args.drop,
