@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -283,3 +284,145 @@ def test_ssa_config_checks():
     for bad in (dict(topk=0), dict(cell=(0, 4, 4)), dict(window=(-1, 0, 0))):
         with pytest.raises(ValueError, match="SsaConfig"):
             get_method("ssa", **bad)
+
+
+# ------------------------------------------------------------------ the tiny 3D model's pieces
+def test_grammar_shapes_and_volumes():
+    from dit_sparse.model3d import shapes
+
+    drawn = shapes.sample(7, 40)
+    assert [s.caption for s in drawn] == [s.caption for s in shapes.sample(7, 40)]  # seeded
+    assert all(shapes.parse(s.caption) == s for s in drawn)
+    with pytest.raises(ValueError, match="grammar"):
+        shapes.parse("a huge sphere")
+    vol = shapes.sdf([shapes.Shape("sphere", "large", None), shapes.Shape("cube", "small", "left")])
+    occ = vol[:, 0] < 0
+    assert occ[0, 8, 8, 8] and not occ[0, 0, 0, 0]  # a large sphere fills the centre, not the corner
+    w = occ[1].nonzero()[:, 2].float().mean()
+    assert w < 6  # "at the left": low width indices
+    assert vol.abs().max() <= 1
+
+
+def test_model_patchify_roundtrip_and_prompt_errors():
+    from dit_sparse.model3d.model import TinyDiT3D
+
+    net = TinyDiT3D()
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert torch.equal(net.unpatchify(net.patchify(x)), x)
+    assert net.token_layout() == TokenLayout(8, 8, 8)
+    with pytest.raises(ValueError, match="unknown words"):
+        net.encode_prompts(["a purple sphere"])
+    out = net(x, torch.rand(2), net.encode_prompts(["a large cube", ""]))
+    assert out.shape == x.shape
+
+
+def test_iou_and_chamfer():
+    from dit_sparse.model3d import metrics, shapes
+
+    a = shapes.sdf([shapes.Shape("cube", "small", "left")])
+    b = shapes.sdf([shapes.Shape("cube", "small", "right")])
+    assert float(metrics.iou(a, a)) == 1.0 and float(metrics.chamfer(a, a)) == 0.0
+    assert float(metrics.iou(a, b)) == 0.0
+    # the cubes are the same shape 0.9 apart along the width axis: every nearest neighbour is 0.9 away or less
+    cd = float(metrics.chamfer(a, b))
+    assert 0.5 < cd <= 0.9 + 1e-6
+
+
+def test_ply_point_cloud_and_mesh(tmp_path):
+    from dit_sparse.model3d import generate, shapes
+
+    vol = shapes.sdf([shapes.Shape("sphere", "large", None)])[0]
+    generate.write_ply(tmp_path / "p.ply", generate.cell_points(vol))
+    text = (tmp_path / "p.ply").read_text().splitlines()
+    count = int((vol < 0).sum())
+    assert text[:3] == ["ply", "format ascii 1.0", f"element vertex {count}"] and len(text) == 7 + count
+    generate.write_ply(tmp_path / "m.ply", generate.cell_points(vol)[:3], [[0, 1, 2]])
+    assert (tmp_path / "m.ply").read_text().splitlines()[-1] == "3 0 1 2"
+    if importlib.util.find_spec("skimage") is not None:
+        verts, faces = generate.surface(vol)
+        assert faces is not None and len(faces) > 100 and abs(verts).max() <= 1
+
+
+# ------------------------------------------------------------------ the embedded model, sparse, and the CLI
+def _embedded():
+    from dit_sparse.model3d import model
+
+    return model.load()
+
+
+def test_embedded_model_draws_the_prompt():
+    """The embedded model's dense samples match the procedural shapes their prompts name (mean IoU)."""
+    from dit_sparse.model3d import generate, metrics, shapes
+
+    net = _embedded()
+    assert sum(f.stat().st_size for f in model_files()) <= 8 << 20
+    prompts = ["a large sphere", "a large cube", "a small sphere at the left", "a small cylinder at the top"]
+    vol = generate.sample(net, prompts, seed=1)
+    truth = shapes.sdf([shapes.parse(p) for p in prompts])
+    assert float(metrics.iou(vol, truth).mean()) > 0.5
+
+
+def model_files():
+    from dit_sparse.model3d.model import asset_path
+
+    return [p for p in asset_path().iterdir() if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("dense", {}),
+        ("window3d", dict(block_size=8, cell=(2, 2, 2), window=(1, 1, 1))),
+        ("ssa", dict(block_size=8, cell=(2, 2, 2), topk=4, window=(1, 1, 1))),
+    ],
+)
+def test_sparse_tiny_model_through_apply(spec):
+    """apply(model, method, layout=...) routes the tiny model's F.sdpa self-attention; dense equals the model's own;
+    remove is bit-exact."""
+    import dit_sparse
+    from dit_sparse.model3d import generate, metrics
+
+    name, params = spec
+    net = _embedded()
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    words = net.encode_prompts(["a large sphere", "a small cone at the back"])
+    s = torch.tensor([0.7, 0.3])
+    with torch.no_grad():
+        own = net(x, s, words)
+        generate.make_sparse(net, name, params)
+        sparse = net(x, s, words)
+        rep = dit_sparse.report(net)
+        dit_sparse.remove(net)
+        again = net(x, s, words)
+    assert torch.equal(again, own)
+    assert rep.sparse_calls == net.config.depth and rep.dense_calls == 0
+    if name == "dense":
+        torch.testing.assert_close(sparse, own, atol=1e-5, rtol=1e-5)
+    else:
+        assert rep.density < 0.6 and not torch.equal(sparse, own)
+        assert float(metrics.iou(sparse, own).mean()) > 0.8  # one velocity prediction stays close to dense
+
+
+def test_generate3d_cli_writes_ply_and_preview_and_never_overwrites(tmp_path, capsys):
+    from dit_sparse.cli import main
+
+    out = tmp_path / "shape.ply"
+    args = ["generate3d", "--prompt", "a large sphere", "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    assert out.read_text().startswith("ply\n") and out.with_suffix(".png").stat().st_size > 1000
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args, "--force"]) == 0
+    assert main(["generate3d", "--prompt", "a purple sphere", "--out", str(tmp_path / "x.ply")]) == 2
+    assert "grammar" in capsys.readouterr().err
+
+
+def test_generate3d_cli_sparse(tmp_path, capsys):
+    from dit_sparse.cli import main
+
+    out = tmp_path / "s.ply"
+    cmd = ["generate3d", "--prompt", "a large cube", "--steps", "3", "--out", str(out), "--method", "ssa"]
+    assert main([*cmd, "--param", "block_size=8", "--param", "cell=2,2,2", "--param", "topk=4"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "ssa" in text and out.is_file()
