@@ -10,7 +10,14 @@ from torch import nn
 
 from dit_sparse.finder import FINDER
 from dit_sparse.methods import MethodConfig
-from dit_sparse.pipelines import ModelAdapter, adapter_for, find_adapter, pipeline_transformers
+from dit_sparse.pipelines import (
+    DeclaredAdapter,
+    LayoutSpec,
+    ModelAdapter,
+    adapter_for,
+    find_adapter,
+    pipeline_transformers,
+)
 from dit_sparse.processor import DEFAULT_METHOD, SparseProcessor, clear_binding
 from dit_sparse.state import Tracker, TransformerStats, get_tracker
 
@@ -25,6 +32,8 @@ def apply(
     pipe_or_transformer: Any,
     method: str | MethodConfig = DEFAULT_METHOD,
     *,
+    layout: LayoutSpec | None = None,
+    attention: str | None = None,
     backend: str = "auto",
     error_sample: int = 0,
     **params: Any,
@@ -35,6 +44,12 @@ def apply(
         pipe_or_transformer: a Diffusers pipeline (its ``transformer`` and ``transformer_2``) or a transformer.
         method: a registered method name (``dit_sparse.available_methods()``) or a method's config
             (``RadialConfig(decay=0.2)``).
+        layout: for any other transformer (Diffusers or not) whose self-attention calls
+            ``F.scaled_dot_product_attention``: the declared :class:`~dit_sparse.layout.TokenLayout` of its
+            self-attention tokens, or a function of the forward's inputs by name returning one (default None: the
+            family adapter of a supported Diffusers class). See :mod:`dit_sparse.pipelines.declared`.
+        attention: with ``layout``, a regex (``fullmatch``) naming the self-attention modules; default None: the
+            modules whose SDPA calls attend ``layout.seq_len`` queries and keys, found during the first forward.
         backend: kernel backend (``auto``, ``triton``, ``flex``, ``reference``).
         error_sample: every n-th self-attention layer also runs exact attention and records the error (0: off).
         **params: the method's hyper-parameters (with a method name).
@@ -47,7 +62,10 @@ def apply(
     recompiles per step (see :mod:`dit_sparse.processor`).
     """
     models = pipeline_transformers(pipe_or_transformer)
-    adapters = [adapter_for(model) for _, model in models]  # unsupported class: error before any change
+    if layout is None and attention is not None:
+        raise ValueError("dit_sparse: attention= names the self-attention modules of a declared layout: give layout=")
+    # unsupported class without a layout: error before any change
+    adapters = [adapter_for(m) if layout is None else DeclaredAdapter(m, layout, attention) for _, m in models]
     processor = SparseProcessor.for_tracked(method, backend=backend, error_sample=error_sample, **params)
     for component, model in models:
         processor.method.check_transformer(component, model)
@@ -55,18 +73,9 @@ def apply(
     for (component, model), adapter in zip(models, adapters, strict=True):
         if get_tracker(model) is not None:
             _remove_one(model)
-        modules = adapter.self_attention_modules(model)
-        if not modules:
-            raise ValueError(f"found no self-attention module in this {type(model).__name__}")
+        adapter.check_modules(model)
         tracker = Tracker.attach(model, adapter, component, pipe)
-        originals: dict[str, Any] = {}
-        for name, module in modules:
-            original = module.processor
-            native = original.native_of(module) if isinstance(original, SparseProcessor) else original
-            processor.bind(module, native if native is not None else adapter.native_processor(name, module))
-            originals[name] = original
-            adapter.set_processor(module, processor)
-        tracker.adopt(processor, applied=True, originals=originals)
+        tracker.adopt(processor, applied=True, originals=adapter.install(model, processor, tracker))
     return pipe_or_transformer
 
 
@@ -88,6 +97,8 @@ def _native_for(module: nn.Module, name: str, proc: SparseProcessor, adapter: An
 
 def _remove_one(model: nn.Module) -> None:
     tracker = get_tracker(model)
+    if tracker is not None:
+        tracker.adapter.release(model)
     adapter = find_adapter(model)
     if tracker is not None and tracker.applied:
         for name, original in tracker.originals.items():

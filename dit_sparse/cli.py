@@ -6,6 +6,7 @@ does is in :mod:`dit_sparse.commands`).
     dit-sparse eval --methods dense,window,radial --prompts FILE|builtin --seeds 0,1 --out runs/NAME
     dit-sparse bench [--models ...] [--methods ...] [--quick] [--compile none|blocks|full]   (CUDA only)
     dit-sparse search --model PATH --prompts "a cat" ... --out svdit.json   (offline Sparse-vDiT search)
+    dit-sparse generate3d --prompt "a small cube at the left" --method window3d [--out shape.ply] [--force]
 
 ``python -m dit_sparse`` is the same command. Errors in the arguments, the output path, the model folder, the
 device and backend, and runs too large for the machine are reported before any model is loaded: one line on stderr,
@@ -115,7 +116,7 @@ _non_negative = _number(int, 0, strict=False)
 
 def _finish(args: argparse.Namespace) -> None:
     """Values argparse cannot check alone (user errors: :class:`CLIError`): method params, specs, seeds."""
-    if args.command == "generate":
+    if args.command in ("generate", "generate3d"):
         args.params = parse_params(args.param)
         check_method(args.method, args.params)
     elif args.command == "eval":
@@ -265,6 +266,29 @@ def _add_search(sub: Any) -> None:
     s.set_defaults(func=commands.cmd_search)
 
 
+def _add_generate3d(sub: Any) -> None:
+    g = sub.add_parser(
+        "generate3d",
+        help="generate a 3D shape with the embedded tiny 3D model",
+        description="Generate one shape with the embedded tiny text-to-3D model: a .ply mesh (marching cubes, with "
+        "scikit-image: pip install 'dit-sparse[3d]') or point cloud, and a preview PNG.",
+    )
+    g.add_argument("--prompt", required=True, help="'a <small|large> <sphere|cube|cylinder|cone> [at the <place>]'")
+    g.add_argument(
+        "--method", default="none", help=f"sparse-attention method ({', '.join(available_methods())}) or none"
+    )
+    g.add_argument("--param", action="append", metavar="KEY=VALUE", help="method hyper-parameter (repeatable)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--steps", type=_positive, default=24, help="sampling steps (default 24)")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    g.add_argument("--out", help="output .ply (default: <prompt>-<method>-s<seed>.ply); the preview is the .png beside")
+    g.add_argument("--force", "--overwrite", action="store_true", help="overwrite existing output files")
+    g.add_argument("--model", help="model folder (default: the embedded assets/tiny-3d)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS, help="block-sparse kernel backend (default: auto)")
+    g.add_argument("--device", help="cuda, cpu, ... (default: cpu)")
+    g.set_defaults(func=commands.cmd_generate3d)
+
+
 def _bhn(text: str) -> tuple[int, int, int]:
     """``BATCH,HEADS,SEQ_LEN`` of a ``tune`` problem."""
     try:
@@ -296,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Sparse attention for video diffusion transformers.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_generate, _add_eval, _add_bench, _add_search, _add_tune):
+    for add in (_add_generate, _add_eval, _add_bench, _add_search, _add_tune, _add_generate3d):
         add(sub)
     return parser
 

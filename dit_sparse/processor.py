@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from dataclasses import dataclass
 from types import FunctionType
@@ -121,6 +122,11 @@ class SparseProcessor:
     Under ``torch.compile`` (apply, then ``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
     ``torch.compile(transformer)``) the native processor is traced and compiled; the self-attention call is a graph
     break that runs the method eagerly with the current step's state; no recompilation per step or per block.
+
+    Models without an adapter (Diffusers or not) whose self-attention calls ``F.scaled_dot_product_attention``:
+    ``dit_sparse.apply(model, method, layout=TokenLayout(...))`` (or ``layout=`` a function of the forward's inputs
+    returning one; ``attention=`` a regex naming the self-attention modules). No processor is set then: the same
+    routing runs from forward hooks on those modules (:class:`ModuleRouter`, :mod:`dit_sparse.pipelines.declared`).
     """
 
     _attention_backend = None
@@ -241,8 +247,7 @@ class SparseProcessor:
             raise RuntimeError(
                 f"dit_sparse: self-attention {router.layer!r} attends {q.shape[-2]} tokens but the "
                 f"{frame.tracker.adapter.family} layout of this forward has {lay.video_len} video tokens "
-                f"(grid {lay.grid}) and {lay.text_len} text tokens; this model variant (or context-parallel ring "
-                "attention) is not supported"
+                f"(grid {lay.grid}) and {lay.text_len} text tokens; {frame.tracker.adapter.layout_help}"
             )
         tracker = frame.tracker
         record = tracker.active  # not gradient checkpointing's re-run in backward
@@ -401,6 +406,51 @@ class _SDPARouter(TorchFunctionMode):
             return func(*args, **kwargs)
         self.seen += 1
         return self.processor.attention(self, func, args, kwargs)
+
+
+class ModuleRouter:
+    """Routes one module's SDPA calls through a processor with forward pre/post hooks, for self-attention modules
+    that have no attention processor (models given a declared layout: :mod:`dit_sparse.pipelines.declared`).
+
+    The pre-hook enters the same :class:`_SDPARouter` that :meth:`SparseProcessor.__call__` enters around a native
+    processor; the post-hook (run even when the forward raises) leaves it. Eager only. :meth:`remove` takes the hooks
+    off again (the module is then exactly what it was).
+    """
+
+    def __init__(self, processor: SparseProcessor, module: nn.Module) -> None:
+        self.processor = processor
+        self._routers: list[_SDPARouter] = []
+        self._handles = [
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._leave, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "dit_sparse: torch.compile of a model given apply(..., layout=) is not supported; run it eagerly"
+            )
+        frame, name, index = _frame_of(module)
+        router = _SDPARouter(self.processor, frame, name, index)
+        router.__enter__()
+        self._routers.append(router)
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._routers:  # the pre-hook raised
+            return
+        router = self._routers.pop()
+        router.__exit__(None, None, None)
+        if router.seen == 0 and sys.exc_info()[1] is None:
+            raise RuntimeError(
+                f"dit_sparse: module {router.layer!r} ({type(module).__name__}) made no "
+                "torch.nn.functional.scaled_dot_product_attention call in its forward; name the modules whose "
+                "forward calls it for their self-attention with dit_sparse.apply(..., attention=regex)"
+            )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 @dataclass

@@ -290,6 +290,7 @@ class Tracker:
         self.key = graph.tracker_key(self)
         self.token: torch.Tensor | None = None
         self._sparse_modules: list[tuple[str, nn.Module]] = []
+        self._self_attention_count = 0
 
     @property
     def model(self) -> nn.Module:
@@ -310,20 +311,26 @@ class Tracker:
         tracker = cls(model, adapter, component, pipe)
         tracker.hook = _hook_cls()(tracker)
         HookRegistry.check_if_exists_or_initialize(model).register_hook(tracker.hook, HOOK_NAME)
-        ref = weakref.ref(tracker)
-        index = 0
         for name, module in adapter.attention_modules(model):
-            self_attention = adapter.is_self_attention(name)
-            key = graph.site_key() if self_attention else None
-            module.__dict__[SITE_ATTR] = graph.register_site(Site(ref, name, index if self_attention else None, key))
-            index += self_attention
+            tracker.add_site(name, module, adapter.is_self_attention(name))
         return tracker
+
+    def add_site(self, name: str, module: nn.Module, self_attention: bool = True) -> Site:
+        """Mark ``module`` as one of this transformer's attention modules (self-attention ones are numbered in the
+        order they are added)."""
+        key = graph.site_key() if self_attention else None
+        site = Site(weakref.ref(self), name, self._self_attention_count if self_attention else None, key)
+        self._self_attention_count += self_attention
+        module.__dict__[SITE_ATTR] = graph.register_site(site)
+        return site
 
     def adopt(self, processor: Any, applied: bool, originals: dict[str, Any] | None = None) -> None:
         """Record the processor that serves the self-attention modules (and what it replaced)."""
         self.processor, self.applied, self.originals = processor, applied, dict(originals or {})
         self._sparse_modules = [
-            (n, m) for n, m in self.adapter.self_attention_modules(self.model) if m.processor is processor
+            (n, m)
+            for n, m in self.adapter.self_attention_modules(self.model)
+            if getattr(m, "processor", None) is processor  # modules routed by hooks hold no processor
         ]
 
     def detach(self) -> None:
@@ -368,7 +375,7 @@ class Tracker:
             stats.passes.append(state.cfg_pass)
         stats.num_steps = state.num_steps
         stats.dense_steps = self.processor.method.config.warmup_steps(state.num_steps) if self.processor else 0
-        start = Timer.start(inputs["hidden_states"].device)
+        start = Timer.start(self.adapter.device(inputs))
         self.frame = Frame(self, layout, state.step, timestep, state.cfg_pass, state.num_steps, start)
         self.active = True
         return self.frame

@@ -8,6 +8,7 @@ from dit_sparse.registry import Registry
 
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
+from .declared import DeclaredAdapter, LayoutSpec
 from .hunyuan_video import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .mochi import MochiAdapter
@@ -57,7 +58,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     if adapter is None:
         raise TypeError(
             f"dit_sparse does not support {type(model).__name__}; supported transformers: "
-            f"{', '.join(supported_models())}"
+            f"{', '.join(supported_models())}. For any other transformer whose self-attention calls "
+            "torch.nn.functional.scaled_dot_product_attention, declare its token layout: dit_sparse.apply(model, "
+            "method, layout=TokenLayout(frames, height, width, text_len=..., text_where=...)) or layout=<function of "
+            "the forward's inputs by name returning one>"
         )
     return adapter
 
@@ -65,7 +69,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "CogVideoXAdapter",
+    "DeclaredAdapter",
     "HunyuanVideoAdapter",
+    "LayoutSpec",
     "LTXAdapter",
     "MochiAdapter",
     "ModelAdapter",

@@ -32,6 +32,7 @@ class ModelAdapter:
         text_where: where text tokens sit in the self-attention sequence.
         trims_text: the processor drops padded text per sample (Mochi): a call may hold fewer text tokens.
         key_padding_mask: the processor passes a ``(B, 1, 1, N)`` bool key-padding mask (HunyuanVideo).
+        layout_help: what the error says when a self-attention call does not match the forward's layout.
     """
 
     model_class: ClassVar[str] = ""
@@ -41,6 +42,7 @@ class ModelAdapter:
     text_where: ClassVar[TextWhere] = "none"
     trims_text: ClassVar[bool] = False
     key_padding_mask: ClassVar[bool] = False
+    layout_help: ClassVar[str] = "this model variant (or context-parallel ring attention) is not supported"
 
     def __init__(self) -> None:
         self._self_attention = re.compile(self.self_attention)
@@ -65,6 +67,10 @@ class ModelAdapter:
         """The forward's timestep tensor (read once per forward by the state tracker)."""
         t = inputs.get("timestep")
         return t if isinstance(t, torch.Tensor) else (None if t is None else torch.as_tensor(t))
+
+    def device(self, inputs: dict[str, Any]) -> torch.device:
+        """The device the forward runs on (what times it)."""
+        return inputs["hidden_states"].device
 
     # ------------------------------------------------------------------ modules
     def is_self_attention(self, name: str) -> bool:
@@ -91,6 +97,28 @@ class ModelAdapter:
                 f"({type(module).__name__}); use dit_sparse.apply(...) so that the module's own processor is wrapped"
             )
         return cls()
+
+    def check_modules(self, model: nn.Module) -> None:
+        """Refuse a model without self-attention modules (before dit_sparse changes anything)."""
+        if not self.self_attention_modules(model):
+            raise ValueError(f"found no self-attention module in this {type(model).__name__}")
+
+    def install(self, model: nn.Module, processor: Any, tracker: Any) -> dict[str, Any]:
+        """Make ``processor`` serve the self-attention modules of ``model`` (tracked by ``tracker``); returns the
+        processor each module had (module name -> processor), which ``dit_sparse.remove`` puts back."""
+        from dit_sparse.processor import SparseProcessor
+
+        originals: dict[str, Any] = {}
+        for name, module in self.self_attention_modules(model):
+            original = module.processor
+            native = original.native_of(module) if isinstance(original, SparseProcessor) else original
+            processor.bind(module, native if native is not None else self.native_processor(name, module))
+            originals[name] = original
+            self.set_processor(module, processor)
+        return originals
+
+    def release(self, model: nn.Module) -> None:
+        """Undo what :meth:`install` did besides setting processors (nothing for a family adapter)."""
 
     @staticmethod
     def set_processor(module: nn.Module, processor: Any) -> None:

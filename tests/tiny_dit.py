@@ -181,3 +181,46 @@ def applied(target: Any, method: str, **params: Any) -> Iterator[None]:
         yield
     finally:
         dit_sparse.remove(target)
+
+
+def wan_ti2v(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Wan 2.2 TI2V-5B-shaped: 48 latent channels (its VAE's z_dim), patch (1, 2, 2), per-token timesteps as the
+    pipeline's ``expand_timesteps`` passes them; odd grid 3×5×7 = 105 video tokens."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    g = _gen(6)
+    inputs = {
+        "hidden_states": torch.randn(batch, 48, 3, 10, 14, generator=g),
+        "timestep": torch.full((batch, 3 * 5 * 7), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def wan_i2v(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Wan 2.1 / 2.2 I2V-shaped: ``image_dim`` set, so ``attn2`` takes the image tokens as added key/values
+    (cross-attention); odd grid 3×5×7 = 105 video tokens, 36 input channels (latent + mask + image latent)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24,
+    ).eval()  # fmt: skip
+    g = _gen(7)
+    inputs = {
+        "hidden_states": torch.randn(batch, 36, 3, 10, 14, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "encoder_hidden_states_image": torch.randn(batch, 9, 16, generator=g),
+        "return_dict": False,
+    }
+    return model, inputs
