@@ -88,9 +88,17 @@ def _blocks(x: torch.Tensor, perm: torch.Tensor | None, block: int, num: int) ->
     return F.pad(x, (0, 0, 0, num * block - n)).view(b, h, num, block, d)
 
 
+def _div(x: torch.Tensor | float, y: torch.Tensor | float) -> torch.Tensor:
+    """``x / y`` correctly rounded, as the kernel's ``div_rn`` (torch turns a division by or of a Python number into
+    a multiplication by a reciprocal: two roundings)."""
+    like = x if isinstance(x, torch.Tensor) else y
+    full = lambda t: torch.as_tensor(t, dtype=like.dtype, device=like.device).expand_as(like).contiguous()  # noqa: E731
+    return torch.div(full(x), full(y))
+
+
 def _cast(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """``x · (448 / absmax)`` in float8 e4m3 (round to nearest even), absmax broadcast against x."""
-    return (x * (FP8_MAX / absmax)).to(FP8_DTYPE)
+    return (x * _div(FP8_MAX, absmax)).to(FP8_DTYPE)
 
 
 def quantize_fp8_reference(
@@ -122,8 +130,8 @@ def quantize_fp8_reference(
     v_amax = v_amax.clamp_min(SCALE_FLOOR)
     v8 = _cast(_blocks(v, perm, bk, mk).view(b, h, mk * bk, d), v_amax[:, :, None, :])
     return FP8Inputs(
-        q8, k8, v8.transpose(-1, -2).contiguous(), (q_amax / FP8_MAX) * sm_log2, k_amax / FP8_MAX,
-        v_amax / FP8_MAX, k_mean, q_dot_mean,
+        q8, k8, v8.transpose(-1, -2).contiguous(), _div(q_amax, FP8_MAX) * sm_log2, _div(k_amax, FP8_MAX),
+        _div(v_amax, FP8_MAX), k_mean, q_dot_mean,
     )  # fmt: skip
 
 

@@ -63,9 +63,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _softmax_step(
-    acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr
-):
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
     """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED.
 
     FP8: q, k, v are fp8 (fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale; P goes to fp8 with
@@ -654,7 +652,9 @@ class TuneKey(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int, precision: str = "bf16") -> tuple[KernelConfig, ...]:
+def _fitted(
+    d: int, dtype: torch.dtype, block_q: int, block_kv: int, precision: str = "bf16"
+) -> tuple[KernelConfig, ...]:
     fitted: list[KernelConfig] = []
     for c in candidate_configs(d, dtype):
         f = _fit(c, block_q, block_kv, min_n=FP8_MIN_TILE if precision == "fp8" else 16)
