@@ -12,7 +12,10 @@ with frame distance) it reports the median time (``triton.testing.do_bench``, wa
 timings compared with each other are taken in turn, ``--rounds`` times, and the median kept),
 the effective TFLOP/s ``4·B·H·N²·D·density / time`` (density = the plan's exact computed fraction), and the ratios
 to dense SDPA (the backend torch picks; cuDNN forced too) and to compiled FlexAttention on the same BlockMask.
-Also: the one-time plan preprocessing cost, and the cost of the token permutation: the same plan with the methods'
+With ``precision="fp8"`` (Hopper and newer; ``--no-fp8`` skips it) each plan also gets the fp8 kernel's time (its
+quantization pre-pass included; the pre-pass alone is reported per shape), its effective TFLOP/s, its speed-up over
+the bf16 kernel and cuDNN, and its relative error against the bf16 kernel; the dense ``sageattention`` package, when
+importable, is timed beside cuDNN on the same q/k/v. Also: the one-time plan preprocessing cost, and the cost of the token permutation: the same plan with the methods'
 permutations (position-major, draft's 1x8x16 tiles) and a random one, against the plan without one, both through the
 autotuned pick and through each strategy (rows gathered in the kernel; K and V gathered into copies, then TMA).
 """
@@ -237,6 +240,11 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
             sdpa_fns[label] = fn
         except Exception as e:
             print(f"sdpa {label} failed: {e}", flush=True)
+    fp8 = fp8_supported(dev) and not args.no_fp8
+    if fp8:
+        sage = sageattention_fn(q, k, v)
+        if sage is not None:
+            sdpa_fns["sageattention"] = sage
     sdpa = {label: None for label in ("auto", "cudnn", "flash")} | bench_rounds(sdpa_fns, args.rounds)
     out["sdpa_ms"] = sdpa
     sdpa_ref = sdpa["auto"]
@@ -261,6 +269,12 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
             "triton_ms": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton"),
             "triton_ms_lse": lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", return_lse=True),
         }
+        if fp8:  # first call autotunes (excluded); the pre-pass is part of every timed call
+            o_8 = block_sparse_attention(q, k, v, plan, backend="triton", precision="fp8")
+            row["fp8_config"] = str(ta.TUNER.last)
+            row["fp8_rel_err_vs_bf16"] = rel_err(o_8, o_t)
+            del o_8
+            fns["fp8_ms"] = lambda plan=plan: block_sparse_attention(q, k, v, plan, backend="triton", precision="fp8")
         # FlexAttention on the identical BlockMask (compiled)
         if not args.no_flex:
             try:
@@ -278,6 +292,11 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         if density >= 0.999:
             row["rel_err_vs_sdpa"] = rel_err(o_t, dense_out)
         row["triton_tflops"] = flops / row["triton_ms"] * 1e-9
+        if row.get("fp8_ms"):
+            row["fp8_tflops"] = flops / row["fp8_ms"] * 1e-9
+            row["fp8_speedup_vs_bf16"] = row["triton_ms"] / row["fp8_ms"]
+            if sdpa.get("cudnn"):
+                row["fp8_speedup_vs_cudnn"] = sdpa["cudnn"] / row["fp8_ms"]
         if row.get("flex_ms"):
             row["flex_tflops"] = flops / row["flex_ms"] * 1e-9
             row["speedup_vs_flex"] = row["flex_ms"] / row["triton_ms"]
@@ -289,6 +308,12 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         del plan, plans[0]  # frees the plan's derived data (flex's BlockMask) before the next one
+
+    if fp8:  # the quantization pre-pass alone (it reads q, k, v twice and writes their fp8 copies)
+        from dit_sparse.kernels.quant import quantize_fp8
+
+        full = BlockPlan.full(n, BLOCK, device=dev)
+        out["fp8_prepass_ms"] = bench(lambda: quantize_fp8(q, k, v, full, None, d**-0.5, False))
 
     # plan handling and permutation: the methods' permutations (and a random one, the worst case) at two densities,
     # through both strategies: rows gathered in the kernel, or K and V gathered into copies first (TMA loads)
@@ -346,6 +371,30 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
     out["plan_handling"] = dict(perm=perm_rows, host_us_per_call_upper_bound=host_us)
 
 
+def fp8_supported(dev: str) -> bool:
+    """Whether ``precision="fp8"`` runs here (the triton backend on a Hopper or newer GPU)."""
+    return dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def sageattention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Dense ``sageattention.sageattn`` on q/k/v (BHND), or None when the package is missing or fails here."""
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        print("sageattention is not installed: no sageattention row", flush=True)
+        return None
+
+    def fn():
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+    try:
+        fn()
+    except Exception as e:  # report, keep going
+        print(f"sageattention failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    return fn
+
+
 def host_overhead() -> dict:
     """Host microseconds per call on a tiny problem (the GPU finishes each kernel in a few µs, so the host bounds it)."""
     from dit_sparse.kernels import triton_attention as ta
@@ -397,16 +446,21 @@ def write_markdown(results: dict, path: Path) -> None:
             f"## H={sh['H']}, N={sh['N']}, D={sh['D']}",
             "",
             f"Dense SDPA: auto {_f(sd.get('auto'))} ms, cuDNN {_f(sd.get('cudnn'))} ms, flash {_f(sd.get('flash'))} ms "
-            f"(cuDNN {_f(4 * sh['H'] * sh['N'] ** 2 * sh['D'] / sd['cudnn'] * 1e-9 if sd.get('cudnn') else None)} TFLOP/s)",
+            f"(cuDNN {_f(4 * sh['H'] * sh['N'] ** 2 * sh['D'] / sd['cudnn'] * 1e-9 if sd.get('cudnn') else None)} TFLOP/s)"
+            + (f", sageattention {_f(sd['sageattention'])} ms" if sd.get("sageattention") else "")
+            + (f"; fp8 pre-pass alone {_f(s['fp8_prepass_ms'])} ms" if s.get("fp8_prepass_ms") else ""),
             "",
-            "| plan | density | triton ms | triton TFLOP/s | flex ms | flex TFLOP/s | vs flex | vs SDPA auto | vs cuDNN | config |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| plan | density | triton ms | triton TFLOP/s | flex ms | flex TFLOP/s | vs flex | vs SDPA auto | vs cuDNN | config "
+            "| fp8 ms | fp8 TFLOP/s | fp8 vs bf16 | fp8 vs cuDNN | fp8 err vs bf16 | fp8 config |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in s["rows"]:
             lines.append(
                 f"| {r['plan']} | {r['density']:.3f} | {_f(r['triton_ms'])} | {_f(r.get('triton_tflops'), 0)} | "
                 f"{_f(r.get('flex_ms'))} | {_f(r.get('flex_tflops'), 0)} | {_f(r.get('speedup_vs_flex'), 2)}x | "
-                f"{_f(r.get('speedup_vs_sdpa'), 2)}x | {_f(r.get('speedup_vs_cudnn'), 2)}x | {r.get('triton_config', '')} |"
+                f"{_f(r.get('speedup_vs_sdpa'), 2)}x | {_f(r.get('speedup_vs_cudnn'), 2)}x | {r.get('triton_config', '')} | "
+                f"{_f(r.get('fp8_ms'))} | {_f(r.get('fp8_tflops'), 0)} | {_f(r.get('fp8_speedup_vs_bf16'), 2)}x | "
+                f"{_f(r.get('fp8_speedup_vs_cudnn'), 2)}x | {_f(r.get('fp8_rel_err_vs_bf16'), 4)} | {r.get('fp8_config', '')} |"
             )
         ph = s.get("plan_handling")
         if ph:
@@ -467,6 +521,7 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-radial", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the precision='fp8' rows (and sageattention)")
     ap.add_argument("--rounds", type=int, default=3, help="timings compared with each other: median of this many")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="", help="suffix for the result file names")

@@ -351,7 +351,8 @@ class SparseProcessor:
 
         def kernel(q_, k_, v_, plan: BlockPlan, return_lse: bool = False, *, aux_work: bool = False):
             want = return_lse or (sample and not aux_work)
-            res = block_sparse_attention(q_, k_, v_, plan, scale=scale, return_lse=want, backend=backend, kv_len=kv_len)
+            res = block_sparse_attention(q_, k_, v_, plan, scale=scale, return_lse=want, backend=backend, kv_len=kv_len,
+                                         precision=self.method.config.precision)  # fmt: skip
             out, lse = res if want else (res, None)
             (aux if aux_work else density).append(plan.density_tensor() * (q_.shape[1] / heads))
             if lse is not None and not aux_work and q_.shape[1] == heads:

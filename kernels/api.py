@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dit_sparse.kernels.backends import ATTENTION_BACKENDS, FLOAT_DTYPES, AttentionCall, Backend, choose_backend
+from dit_sparse.kernels.backends import (
+    ATTENTION_BACKENDS,
+    FLOAT_DTYPES,
+    PRECISIONS,
+    AttentionCall,
+    Backend,
+    choose_backend,
+)
 from dit_sparse.plan import BlockPlan
 
 BACKENDS: tuple[str, ...] = ("auto", *(b.name for b in ATTENTION_BACKENDS))
@@ -64,6 +71,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     backend: str = "auto",
     kv_len: torch.Tensor | None = None,
+    precision: str = "bf16",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k, v`` restricted to the key blocks ``plan`` lists.
 
@@ -77,6 +85,10 @@ def block_sparse_attention(
             elsewhere or for inputs triton does not take), or a name in :data:`BACKENDS` (its declaration is checked
             first: an unsupported call is an error that names the alternatives).
         kv_len: optional int ``[B]``: keys whose original index is >= kv_len[b] are masked (padded text suffix).
+        precision: ``bf16`` (default: the inputs' own dtype) or ``fp8`` (SageAttention-style: K smoothed by its mean,
+            Q and K in FP8 e4m3 with per-block scales, P and V in FP8, fp32 accumulation; see
+            :mod:`dit_sparse.kernels.quant`): the triton backend on Hopper (sm90) or newer GPUs, or
+            ``backend="reference"``, which emulates it in torch (tests, accuracy studies).
 
     Returns:
         ``out`` ``[B, H, N, D]`` in q's dtype (and ``lse``). Rows of HEAD_SKIP heads are 0 with LSE ``-inf``.
@@ -93,14 +105,16 @@ def block_sparse_attention(
         if kv_len.shape != (b,):
             raise ValueError(f"kv_len must have shape ({b},), got {tuple(kv_len.shape)}")
         kv_len = kv_len.to(q.device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if torch.compiler.is_compiling():  # traced: the custom op (kernels/ops.py), opaque to the compiler
         from dit_sparse.kernels.ops import traced_block_sparse_attention
 
         out, lse = traced_block_sparse_attention(
-            q, k, v, plan, d**-0.5 if scale is None else float(scale), backend, kv_len
+            q, k, v, plan, d**-0.5 if scale is None else float(scale), backend, kv_len, precision
         )
         return (out, lse) if return_lse else out
-    call = AttentionCall(q, k, v, plan, d**-0.5 if scale is None else float(scale), return_lse, kv_len)
+    call = AttentionCall(q, k, v, plan, d**-0.5 if scale is None else float(scale), return_lse, kv_len, precision)
     if backend == "auto":
         chosen = choose_backend(call)
     else:

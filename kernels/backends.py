@@ -25,6 +25,13 @@ from dit_sparse.plan import HEAD_SKIP, BlockPlan
 from dit_sparse.registry import Registry
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PRECISIONS = ("bf16", "fp8")
+"""``precision=`` values: ``bf16`` (the inputs' own dtype; the default), ``fp8`` (SageAttention-style quantization)."""
+FP8_CAPABILITY = (9, 0)
+"""The CUDA capability fp8 kernels need (Hopper)."""
+FP8_MIN_TILE = 32
+"""The fp8 dots' smallest contraction (an 8-bit tensor-core MMA's K): fp8 needs head dims and blocks >= 32."""
+FP8_NEEDS = "precision='fp8' needs the triton backend on a Hopper (sm90) or newer GPU"
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class AttentionCall:
     """One checked attention call, as every backend receives it (the contract of ``block_sparse_attention``).
 
     ``q, k, v`` ``[B, H, N, D]`` (any strides, original token order), ``scale`` resolved, ``kv_len`` int ``[B]`` on
-    q's device or None. A backend returns ``out`` ``[B, H, N, Dv]`` in q's dtype and, when ``return_lse``, the
+    q's device or None, ``precision`` one of :data:`PRECISIONS`. A backend returns ``out`` ``[B, H, N, Dv]`` in q's dtype and, when ``return_lse``, the
     float32 ``[B, H, N]`` natural-log LSE (else None); HEAD_SKIP heads give 0 and ``-inf``.
     """
 
@@ -43,6 +50,7 @@ class AttentionCall:
     scale: float
     return_lse: bool
     kv_len: torch.Tensor | None
+    precision: str = "bf16"
 
 
 BackendFn = Callable[[AttentionCall], tuple[torch.Tensor, torch.Tensor | None]]
@@ -67,6 +75,9 @@ class Backend:
         block_multiple: the plan's block sizes must be multiples of this.
         packages: Python packages it imports, with ``install`` saying how to get them.
         auto: whether ``auto`` may choose it.
+        fp8: how it computes ``precision="fp8"``: ``"kernel"`` (natively, on CUDA capability >= :data:`FP8_CAPABILITY`;
+            head dims and blocks multiples of :data:`FP8_MIN_TILE`), ``"emulated"`` (a torch emulation of the
+            kernel's quantization, for tests and accuracy studies: chosen by name only, never by ``auto``), or None.
     """
 
     name: str
@@ -83,6 +94,7 @@ class Backend:
     packages: tuple[str, ...] = ()
     install: str = ""
     auto: bool = True
+    fp8: str | None = None
 
     # ------------------------------------------------------------------ checks
     def device_problem(self, device: torch.device | str, *, native: bool = False) -> str | None:
@@ -123,6 +135,10 @@ class Backend:
             return f"backend {self.name!r} does not mask padded keys (kv_len)"
         if plan.perm is not None and not self.permuted:
             return f"backend {self.name!r} does not take plans with a token permutation"
+        if call.precision == "fp8":
+            problem = self.fp8_problem(call)
+            if problem:
+                return problem
         if plan.block_q % self.block_multiple or plan.block_kv % self.block_multiple:
             m = self.block_multiple
             pow2 = f" (a power-of-two factor >= {m})" if m & (m - 1) == 0 else ""
@@ -130,6 +146,26 @@ class Backend:
                 f"backend {self.name!r} needs block sizes that are multiples of {m}{pow2}; got "
                 f"block_q={plan.block_q}, block_kv={plan.block_kv}"
             )
+        return None
+
+    def fp8_problem(self, call: AttentionCall) -> str | None:
+        """Why this backend cannot compute ``call`` with ``precision="fp8"``, or None."""
+        if self.fp8 is None:
+            return f"{FP8_NEEDS}; this is backend {self.name!r} (backend='reference' emulates it, slowly)"
+        if self.fp8 == "emulated":
+            return None
+        q, plan = call.q, call.plan
+        if q.is_cuda:
+            cap = torch.cuda.get_device_capability(q.device)
+            if cap < FP8_CAPABILITY:
+                name = torch.cuda.get_device_name(q.device)
+                return f"{FP8_NEEDS}; this is {name} (sm{cap[0]}{cap[1]})"
+        m = FP8_MIN_TILE
+        if q.shape[-1] % m:
+            return f"precision='fp8' needs head dims that are multiples of {m} (got {q.shape[-1]})"
+        if plan.block_q % m or plan.block_kv % m:
+            return f"precision='fp8' needs block sizes that are multiples of {m}; got block_q={plan.block_q}, " \
+                f"block_kv={plan.block_kv}"  # fmt: skip
         return None
 
     def check(self, call: AttentionCall) -> None:
@@ -161,6 +197,9 @@ def choose_backend(call: AttentionCall, candidates: Iterable[Backend] | None = N
     if native is None:
         problems = "; ".join(str(b.device_problem(device, native=True)) for b in candidates)
         raise RuntimeError(f"no attention backend runs on {device}: {problems}")
+    if call.precision == "fp8" and native.fp8 != "kernel":
+        raise ValueError(f"{FP8_NEEDS}; this is {device.type.upper()} (backend 'auto' chose {native.name!r}); pass "
+                         "backend='reference' to emulate it in torch (slow: tests, accuracy studies)")  # fmt: skip
     problem = native.call_problem(call)
     if problem is not None:
         others = ", ".join(repr(b.name) for b in ATTENTION_BACKENDS if b is not native)
@@ -193,10 +232,10 @@ ATTENTION_BACKENDS.register(
     Backend(
         "triton", "dit_sparse.kernels.triton_attention:triton_block_attention", devices=("cuda",),
         interpreter_env="TRITON_INTERPRET", head_dims=(16, 32, 64, 128, 256), value_dim=False, block_multiple=16,
-        packages=("triton",), install="pip install 'dit-sparse[triton]'",
+        packages=("triton",), install="pip install 'dit-sparse[triton]'", fp8="kernel",
     )
 )  # fmt: skip
 ATTENTION_BACKENDS.register(Backend("flex", "dit_sparse.kernels.flex:flex_block_attention", auto=False))
-ATTENTION_BACKENDS.register(Backend("reference", "dit_sparse.kernels.reference:reference_attention"))
+ATTENTION_BACKENDS.register(Backend("reference", "dit_sparse.kernels.reference:reference_attention", fp8="emulated"))
 
-__all__ = ["ATTENTION_BACKENDS", "AttentionCall", "Backend", "choose_backend", "mask_skipped_heads"]
+__all__ = ["ATTENTION_BACKENDS", "PRECISIONS", "AttentionCall", "Backend", "choose_backend", "mask_skipped_heads"]

@@ -31,6 +31,7 @@ def _op(
     density_hint: float | None,
     scale: float,
     backend: str,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from dit_sparse.kernels.api import block_sparse_attention
 
@@ -40,7 +41,9 @@ def _op(
             q.shape[-2], block_q, block_kv, kv_num_blocks, kv_indices, perm=perm, inv_perm=inv_perm,
             head_mode=None if head_mode is None else tuple(head_mode), density_hint=density_hint,
         )  # fmt: skip
-    out, lse = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True, backend=backend, kv_len=kv_len)
+    out, lse = block_sparse_attention(
+        q, k, v, plan, scale=scale, return_lse=True, backend=backend, kv_len=kv_len, precision=precision
+    )
     like = torch.empty_like(q)
     if out.stride() != like.stride():  # the fake's strides are what the compiled graph assumes
         out = like.copy_(out)
@@ -49,7 +52,7 @@ def _op(
 
 @_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, perm, inv_perm, kv_len, block_q, block_kv, head_mode, density_hint, scale,
-      backend):  # fmt: skip
+      backend, precision):  # fmt: skip
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -61,10 +64,11 @@ def traced_block_sparse_attention(
     scale: float,
     backend: str,
     kv_len: torch.Tensor | None,
+    precision: str = "bf16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op call for ``plan`` (what :func:`~dit_sparse.kernels.block_sparse_attention` does under tracing)."""
     head_mode = None if plan.head_mode is None else list(plan.head_mode)
     return _op(
         q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.perm, plan.inv_perm, kv_len, plan.block_q, plan.block_kv,
-        head_mode, plan.density_hint, scale, backend,
+        head_mode, plan.density_hint, scale, backend, precision,
     )  # fmt: skip

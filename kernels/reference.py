@@ -4,6 +4,8 @@ It runs over chunks of query rows (original token order). Each chunk's token mas
 from the plan's block mask through two per-token block indices (kept with the plan: O(Mq·Mk + N)), so neither the
 ``N × N`` token mask nor the ``N × N`` scores ever exist. With ``return_lse`` a chunk's masked softmax is computed
 here in float32; without, the chunk goes to torch's SDPA with its mask, which computes the same function faster.
+``precision="fp8"`` runs the torch emulation of the fp8 kernel's quantization
+(:func:`~dit_sparse.kernels.quant.emulate_fp8_attention`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_sparse.kernels.backends import AttentionCall, mask_skipped_heads
+from dit_sparse.kernels.quant import emulate_fp8_attention
 from dit_sparse.plan import BlockPlan
 
 # query rows per chunk are chosen so that one chunk's score matrix stays near this many elements
@@ -28,6 +31,8 @@ def _token_blocks(plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def reference_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked attention with the plan's token mask, chunk by chunk. Rows with no allowed key give 0 and LSE -inf."""
+    if call.precision == "fp8":
+        return emulate_fp8_attention(call)
     q, k, v, scale = call.q, call.k, call.v, call.scale
     b, h, n, _ = q.shape
     blocks, q_block, kv_block = call.plan.derived("reference", lambda: _token_blocks(call.plan))

@@ -24,6 +24,11 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
   the last configuration used; ``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
   The density octave needs one device->host read per new plan (cached with the plan; never per call), none when
   the plan carries a host-side ``density_hint`` (dynamic methods, whose plans are new every call).
+- **FP8** (``precision="fp8"``, Hopper and newer): the same kernel reads the fp8 copies and scales the pre-pass of
+  :mod:`~dit_sparse.kernels.quant` makes every call (already in the plan's token order: no K/V gather, TMA always
+  applies; V transposed, K-major for the fp8 dot); a key tile's scores are dequantized by one scalar (Q's block scale
+  with the softmax scale folded in, times K's), P goes to fp8 at scale 448 and each tile's P·V is added in fp32; V's
+  channel scales are applied to the output, the smoothing term of K's mean to the LSE. Its own tuning key field.
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
   bf16/fp16 for speed.
 """
@@ -41,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dit_sparse.kernels.backends import AttentionCall
+from dit_sparse.kernels.backends import FP8_MIN_TILE, AttentionCall
+from dit_sparse.kernels.quant import FP8_MAX, FP8Inputs, quantize_fp8, to_fp8
 from dit_sparse.kernels.tuning import Tuner
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
@@ -51,13 +57,18 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
+_FP8_MAX = tl.constexpr(FP8_MAX)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED."""
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
+    """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED.
+
+    FP8: q, k, v are fp8 (fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale; P goes to fp8 with
+    the scale 448 (undone with V's scale on the output) and the tile's P·V is added to ``acc`` in fp32 (Hopper's fp8
+    MMA accumulates in reduced precision: only a tile's BLOCK_N products are summed there)."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -73,7 +84,13 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, 
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if IEEE:
+    if FP8:
+        p8 = to_fp8(p * _FP8_MAX, IEEE)  # IEEE: the interpreter (exact cast there)
+        if IEEE:
+            acc += tl.dot(p8.to(tl.float32), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p8, v)
+    elif IEEE:
         acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -104,10 +121,17 @@ def _load_kv(
     USE_TMA: tl.constexpr,
     OFF64: tl.constexpr,
     UPCAST: tl.constexpr,
+    V_T: tl.constexpr,
 ):
-    """K and V tiles [BLOCK_N, D] of the (permuted) key rows ``start + offs_n``."""
+    """K and V tiles [BLOCK_N, D] of the (permuted) key rows ``start + offs_n``.
+
+    V_T: V is stored transposed (fp8: ``[D, N]`` rows, ``svn`` apart): its [D, BLOCK_N] tile is loaded and
+    transposed in registers, which keeps the dot's second operand K-major."""
     rows = start + offs_n
-    if USE_TMA:
+    if V_T:
+        k, v = _load_kv_vt(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, start, offs_n,
+                           offs_d, N, skn, svn, TAIL, USE_TMA)  # fmt: skip
+    elif USE_TMA:
         k = desc_k.load([row0_k + start, col0_k])
         v = desc_v.load([row0_v + start, col0_v])
     else:
@@ -139,6 +163,25 @@ def _load_kv(
 
 
 @triton.jit
+def _load_kv_vt(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, start, offs_n, offs_d, N,
+                skn, svn, TAIL: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+    """The fp8 path's K tile [BLOCK_N, D] and V tile [BLOCK_N, D] from V^T (contiguous, zero-padded copies)."""
+    if USE_TMA:
+        k = desc_k.load([row0_k + start, col0_k])
+        vt = desc_v.load([row0_v, col0_v + start])
+    else:
+        rows = (start + offs_n).to(tl.int64)
+        ok = rows < N
+        if TAIL:
+            k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(V + v_base + offs_d[:, None] * svn + rows[None, :], mask=ok[None, :], other=0.0)
+        else:
+            k = tl.load(K + k_base + rows[:, None] * skn + offs_d[None, :])
+            vt = tl.load(V + v_base + offs_d[:, None] * svn + rows[None, :])
+    return k, tl.trans(vt)
+
+
+@triton.jit
 def _key_keep(PERM, KV_LEN, b, start, offs_n, N, TAIL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_KVLEN: tl.constexpr):
     """[1, BLOCK_N] columns of this tile that are real keys (inside N) and not padding (kv_len)."""
     cols = start + offs_n
@@ -167,6 +210,10 @@ def _block_sparse_fwd(
     KV_IDX,
     PERM,
     KV_LEN,
+    Q_SCALE,
+    K_SCALE,
+    V_SCALE,
+    Q_DOT_MEAN,
     sqb,
     sqh,
     sqn,
@@ -197,6 +244,7 @@ def _block_sparse_fwd(
     PLAN_BKV: tl.constexpr,
     EVEN_N: tl.constexpr,
     HAS_PERM: tl.constexpr,
+    Q_GATHER: tl.constexpr,
     KV_GATHER: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
     RETURN_LSE: tl.constexpr,
@@ -204,6 +252,7 @@ def _block_sparse_fwd(
     IEEE: tl.constexpr,
     OFF64: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -237,12 +286,18 @@ def _block_sparse_fwd(
     row0_v = (v_base // v_rows_per_row).to(tl.int32)
     col0_v = (v_base % v_rows_per_row).to(tl.int32)
 
-    if USE_TMA and not HAS_PERM:
+    if USE_TMA and not Q_GATHER:
         q = desc_q.load([row0_q + pid_m * BLOCK_M, col0_q])
-    else:
+    elif Q_GATHER:
         q = tl.load(Q + q_base + q_rows[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    bh = b64 * tl.num_programs(1) + h64
+    if FP8:  # the fp8 inputs' scales: Q's per plan query block (softmax scale folded in), K's per key block
+        qk_scale = tl.load(Q_SCALE + bh * tl.cdiv(N, BLOCK_M * Q_SUB) + m_plan)
+        k_scales = K_SCALE + bh * MK
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -260,11 +315,14 @@ def _block_sparse_fwd(
         kb = tl.load(idx_ptr + j // KV_SUB)
         start = kb * PLAN_BKV + (j % KV_SUB) * BLOCK_N
         k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
-                        offs_n, offs_d, N, skn, svn, False, KV_GATHER, USE_TMA, OFF64, UPCAST)  # fmt: skip
+                        offs_n, offs_d, N, skn, svn, False, KV_GATHER, USE_TMA, OFF64, UPCAST, FP8)  # fmt: skip
         keep = offs_n[None, :] >= 0
         if HAS_KVLEN:
             keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, HAS_KVLEN, IEEE)
+        tile_scale = qk_scale
+        if FP8:
+            tile_scale = qk_scale * tl.load(k_scales + kb)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, HAS_KVLEN, IEEE, FP8)
 
     if not EVEN_N:
         if has_tail:
@@ -272,17 +330,25 @@ def _block_sparse_fwd(
             for t in tl.range(0, tl.cdiv(N - tail0, BLOCK_N), num_stages=1):
                 start = tail0 + t * BLOCK_N
                 k, v = _load_kv(K, V, desc_k, desc_v, k_base, v_base, row0_k, col0_k, row0_v, col0_v, PERM, start,
-                                offs_n, offs_d, N, skn, svn, True, KV_GATHER, False, OFF64, UPCAST)  # fmt: skip
+                                offs_n, offs_d, N, skn, svn, True, KV_GATHER, False, OFF64, UPCAST, FP8)  # fmt: skip
                 keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, IEEE)
+                tile_scale = qk_scale
+                if FP8:
+                    tile_scale = qk_scale * tl.load(k_scales + MK - 1)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, True, IEEE, FP8)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if FP8:  # V's channel scales, and P's
+        out = out * (tl.load(V_SCALE + bh * HEAD_D + offs_d) * (1.0 / _FP8_MAX))[None, :]
     o_ptrs = Out + b64 * sob + h64 * soh + q_rows[:, None] * son + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        if FP8:  # K's smoothing moved every score of a row by softmax scale · q·mean(K): the LSE gets it back
+            lse += tl.load(Q_DOT_MEAN + bh * (tl.cdiv(N, BLOCK_M * Q_SUB) * BLOCK_M * Q_SUB) + offs_m)
+        lse = tl.where(empty, float("-inf"), lse)
         lse_ptrs = LSE + (b64 * tl.num_programs(1) + h64) * N + q_rows
         tl.store(lse_ptrs, lse, mask=row_ok)
 
@@ -391,11 +457,12 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def _fit(cfg: KernelConfig, block_q: int, block_kv: int) -> KernelConfig | None:
-    """The config with tiles shrunk to divide the plan's blocks (None when a tile would drop under 16)."""
+def _fit(cfg: KernelConfig, block_q: int, block_kv: int, min_n: int = 16) -> KernelConfig | None:
+    """The config with tiles shrunk to divide the plan's blocks (None when a tile would drop under 16, or BLOCK_N
+    under ``min_n``: the fp8 P·V dot needs 32)."""
     bm = _largest_pow2_divisor(block_q, cfg.block_m)
     bn = _largest_pow2_divisor(block_kv, cfg.block_n)
-    if bm < 16 or bn < 16:
+    if bm < 16 or bn < min_n:
         return None
     return dataclasses.replace(cfg, block_m=bm, block_n=bn)
 
@@ -472,17 +539,23 @@ def _launch(
     lse: torch.Tensor | None,
     kv_len: torch.Tensor | None,
     cfg: KernelConfig,
+    fp8: FP8Inputs | None = None,
 ) -> None:
-    b, h, n, d = q.shape
+    """One kernel launch; with ``fp8`` the kernel reads its tensors and scales instead of q, k, v (already in the
+    plan's token order: nothing is gathered but the output rows)."""
+    b, n, h, d = out_mem.shape
     has_perm = prep.perm is not None
-    if has_perm and cfg.tma:  # gather K and V once (a contiguous copy each) so that their tiles can come through TMA
+    if fp8 is not None:
+        q, k, v = fp8.q, fp8.k, fp8.vt
+    elif has_perm and cfg.tma:  # gather K and V once (contiguous copies) so that their tiles can come through TMA
         k, v = _gather_tokens(k, prep.perm), _gather_tokens(v, prep.perm)
+    q_gather = has_perm and fp8 is None
     widths = [_tma_row_view(t) for t in (q, k, v)] if cfg.tma else [None] * 3
-    use_tma = cfg.tma and None not in widths[1:] and (has_perm or widths[0] is not None)
+    use_tma = cfg.tma and None not in widths[1:] and (q_gather or widths[0] is not None)
     if use_tma:
-        desc_q = None if has_perm else _make_desc(q, widths[0], cfg.block_m, d)
+        desc_q = None if q_gather else _make_desc(q, widths[0], cfg.block_m, d)
         desc_k = _make_desc(k, widths[1], cfg.block_n, d)
-        desc_v = _make_desc(v, widths[2], cfg.block_n, d)
+        desc_v = _make_desc(v, widths[2], cfg.block_n, d) if fp8 is None else _make_desc(v, widths[2], d, cfg.block_n)
         widths = [w or 1 for w in widths]
     else:
         desc_q = desc_k = desc_v = None
@@ -493,10 +566,11 @@ def _launch(
     snh = 0 if kv_num.shape[1] == 1 else kv_num.stride(1)
     sib = 0 if kv_idx.shape[0] == 1 else kv_idx.stride(0)
     sih = 0 if kv_idx.shape[1] == 1 else kv_idx.stride(1)
-    max_off = max((n + cfg.block_m) * max(abs(x.stride(2)) for x in (q, k, v, out)) + d, b * h * n)
+    rows = (q, k, out) if fp8 is not None else (q, k, v, out)  # V^T's tile offsets stay below its (b, h) slice
+    max_off = max((n + cfg.block_m) * max(abs(x.stride(2)) for x in rows) + d, b * h * n, v.stride(1))
     off64 = max_off >= 2**31
-    # Triton's interpreter (3.9) multiplies bf16 tiles as raw integers: upcast to fp32 there (tests only)
-    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    # Triton's interpreter (3.9) multiplies bf16 (and fp8) tiles as raw integers: upcast to fp32 there (tests only)
+    upcast = _INTERPRET and q.dtype in (torch.bfloat16, torch.float8_e4m3fn)
     grid = (triton.cdiv(n, cfg.block_m), h, b)
     dummy = kv_num
     _block_sparse_fwd[grid](
@@ -512,6 +586,8 @@ def _launch(
         kv_idx,
         prep.perm if prep.perm is not None else dummy,
         kv_len if kv_len is not None else dummy,
+        *((fp8.q_scale, fp8.k_scale, fp8.v_scale) if fp8 is not None else (dummy,) * 3),
+        fp8.q_dot_mean if fp8 is not None and fp8.q_dot_mean is not None else dummy,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -542,13 +618,15 @@ def _launch(
         PLAN_BKV=plan.block_kv,
         EVEN_N=(n % plan.block_kv == 0),
         HAS_PERM=has_perm,
-        KV_GATHER=has_perm and not cfg.tma,
+        Q_GATHER=q_gather,
+        KV_GATHER=q_gather and not cfg.tma,
         HAS_KVLEN=kv_len is not None,
         RETURN_LSE=lse is not None,
         USE_TMA=use_tma,
         IEEE=(q.dtype == torch.float32) or upcast,
         OFF64=off64,
         UPCAST=upcast,
+        FP8=fp8 is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -569,24 +647,29 @@ class TuneKey(NamedTuple):
     block_kv: int
     perm: bool
     kv_len: bool
-    tma_layout: bool  # q, k and v all TMA-able
+    tma_layout: bool  # q, k and v all TMA-able (the fp8 path's own copies always are)
+    precision: str = "bf16"
 
 
 @functools.lru_cache(maxsize=64)
-def _fitted(d: int, dtype: torch.dtype, block_q: int, block_kv: int) -> tuple[KernelConfig, ...]:
+def _fitted(
+    d: int, dtype: torch.dtype, block_q: int, block_kv: int, precision: str = "bf16"
+) -> tuple[KernelConfig, ...]:
     fitted: list[KernelConfig] = []
     for c in candidate_configs(d, dtype):
-        f = _fit(c, block_q, block_kv)
+        f = _fit(c, block_q, block_kv, min_n=FP8_MIN_TILE if precision == "fp8" else 16)
         if f is not None and f not in fitted:
             fitted.append(f)
     return tuple(fitted)
 
 
-def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConfig:
+def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len, fp8: FP8Inputs | None = None) -> KernelConfig:
     b, h, n, d = q.shape
-    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv)  # not empty: the blocks are multiples of 16
+    precision = "bf16" if fp8 is None else "fp8"
+    fitted = _fitted(d, q.dtype, plan.block_q, plan.block_kv, precision)  # not empty: the declaration checks blocks
     if len(fitted) == 1 or not q.is_cuda or os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
         return fitted[0]
+    tensors = (q, k, v) if fp8 is None else (fp8.q, fp8.k, fp8.vt)
     key = TuneKey(
         d,
         str(q.dtype),
@@ -596,11 +679,12 @@ def _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len) -> KernelConf
         plan.block_kv,
         plan.perm is not None,
         kv_len is not None,
-        all(_tma_row_view(t) is not None for t in (q, k, v)),
+        all(_tma_row_view(t) is not None for t in tensors),
+        precision,
     )
 
     def time_ms(cfg: KernelConfig) -> float:
-        run = lambda: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg)  # noqa: E731
+        run = lambda: _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, cfg, fp8)  # noqa: E731
         return triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
 
     return TUNER.pick(key, fitted, time_ms, shape=[b, h, n, d])
@@ -612,8 +696,10 @@ def triton_block_attention(
     """Block-sparse attention with the Triton kernel (the ``triton`` backend of ``block_sparse_attention``).
 
     The contract of :class:`AttentionCall`, for calls the ``triton`` declaration accepts (head dims, equal q and v
-    head dims, blocks multiples of 16: ``block_sparse_attention`` checks them); the output is a BHND view of BNHD
-    memory. ``config`` pins a launch configuration (tests, benchmarks); by default one is autotuned by :data:`TUNER`.
+    head dims, blocks multiples of 16, for fp8 head dims and blocks >= 32 on sm90+: ``block_sparse_attention``
+    checks them); the output is a BHND view of BNHD memory. ``precision="fp8"`` quantizes q, k, v first
+    (:func:`~dit_sparse.kernels.quant.quantize_fp8`, every call). ``config`` pins a launch configuration (tests,
+    benchmarks); by default one is autotuned by :data:`TUNER`.
     """
     q, k, v, plan, scale, kv_len = call.q, call.k, call.v, call.plan, call.scale, call.kv_len
     b, h, n, d = q.shape
@@ -623,13 +709,14 @@ def triton_block_attention(
     prep = _prepare(plan, h)
     out_mem = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device) if call.return_lse else None
+    fp8 = quantize_fp8(q, k, v, plan, prep.perm, scale, call.return_lse) if call.precision == "fp8" else None
     if config is None:
-        cfg = _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len)
+        cfg = _pick_config(q, k, v, plan, prep, scale, out_mem, lse, kv_len, fp8)
     else:
-        cfg = _fit(config, plan.block_q, plan.block_kv)
+        cfg = _fit(config, plan.block_q, plan.block_kv, min_n=16 if fp8 is None else FP8_MIN_TILE)
         if cfg is None:
             raise ValueError(f"config {config} does not fit the plan's blocks ({plan.block_q}, {plan.block_kv})")
-    _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, TUNER.used(cfg))
+    _launch(q, k, v, plan, prep, scale, out_mem, lse, kv_len, TUNER.used(cfg), fp8)
     return out_mem.permute(0, 2, 1, 3), lse
 
 

@@ -384,7 +384,7 @@ def test_kernel_op_fake_shapes_and_compiled_call():
     assert BlockPlan.owning(plan.kv_num_blocks, plan.kv_indices.clone()) is None
     ref, ref_lse = block_sparse_attention(q, k, v, plan, return_lse=True)
     args = (q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.perm, plan.inv_perm, None, 32, 32, [0, 2, 0], None,
-            0.25, "reference")  # fmt: skip
+            0.25, "reference", "bf16")  # fmt: skip
     torch.library.opcheck(_op, args)
     fn = lambda q, k, v: block_sparse_attention(q, k, v, plan, return_lse=True)  # noqa: E731
     assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0

@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -42,6 +42,9 @@ class MethodConfig:
             unknown). An explicit value is taken as it is.
         dense_layers: the first ``dense_layers`` self-attention layers run dense attention (default 0).
         min_seq_len: self-attention over fewer tokens than this runs dense (default 1024).
+        precision: the sparse kernel's arithmetic: ``"bf16"`` (default: the inputs' dtype) or ``"fp8"``
+            (SageAttention-style FP8 quantization inside the block-sparse kernel: the triton backend on Hopper or
+            newer, or the reference backend's emulation; see ``dit_sparse.kernels.quant``).
     """
 
     dense_steps_at_50: ClassVar[int] = 0
@@ -51,6 +54,7 @@ class MethodConfig:
     dense_steps: int | None = None
     dense_layers: int = 0
     min_seq_len: int = 1024
+    precision: Literal["bf16", "fp8"] = "bf16"
 
     def __post_init__(self) -> None:
         check_types(self)
