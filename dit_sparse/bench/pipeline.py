@@ -119,13 +119,16 @@ def parse_config(text: str) -> Config:
                 raise ConfigError(f"{text}: one step cache at a time ({cache} and {part} both skip steps)")
             cache = part
         else:
-            if method is not None:
-                raise ConfigError(f"{text}: one sparse method at a time ({method[0]} and {part})")
             try:
-                method = parse_method_spec(part)
+                parsed = parse_method_spec(part)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"{text}: {part!r} is neither a method nor one of dense, sage, compile, "
-                                  f"{', '.join(STEP_CACHES)} ({e})") from None  # fmt: skip
+                raise ConfigError(
+                    f"{text}: {part!r} is neither a method nor one of dense, sage, compile, {', '.join(STEP_CACHES)} "
+                    f"({e})"
+                ) from None
+            if method is not None:
+                raise ConfigError(f"{text}: one sparse method at a time ({method[0]} and {parsed[0]})")
+            method = parsed
     if sage and method is not None:
         raise ConfigError(f"{text}: sage is dense INT8 attention for every self-attention call; the method "
                           f"{method[0]} already replaces those calls")  # fmt: skip
