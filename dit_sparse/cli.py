@@ -5,6 +5,7 @@ does is in :mod:`dit_sparse.commands`).
         [--frames F --height H --width W] [--guidance G] [--out video.mp4] [--force] [--param key=value ...]
     dit-sparse eval --methods dense,window,radial --prompts FILE|builtin --seeds 0,1 --out runs/NAME
     dit-sparse bench [--models ...] [--methods ...] [--quick] [--compile none|blocks|full]   (CUDA only)
+    dit-sparse bench --pipeline [--models ...] [--shapes ...] [--configs ...] [--compose [--measure]]   (CUDA only)
     dit-sparse search --model PATH --prompts "a cat" ... --out svdit.json   (offline Sparse-vDiT search)
     dit-sparse generate3d --prompt "a small cube at the left" --method window3d [--out shape.ply] [--force]
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dit_sparse import bench, commands
+from dit_sparse.bench import pipeline as bench_pipeline
 from dit_sparse.estimate import EstimateError
 from dit_sparse.eval.store import RunFolderBusy
 from dit_sparse.kernels.api import BACKENDS
@@ -128,6 +130,14 @@ def _finish(args: argparse.Namespace) -> None:
             raise CLIError(f"--methods: {e}") from None
         args.seed_list = parse_seeds(args.seeds)
     elif args.command == "bench":
+        if not args.pipeline:
+            flags = [f for f in ("configs", "compose", "measure", "overwrite") if getattr(args, f)]
+            if flags:
+                raise CLIError(f"--{', --'.join(flags)}: only with --pipeline (whole generations)")
+        elif args.methods or args.quick or args.compile != "none":
+            raise CLIError("--pipeline takes --configs (e.g. radial radial+compile), not --methods/--quick/--compile")
+        if args.measure and not args.compose:
+            raise CLIError("--measure compares a composed total with a full run: give --compose too")
         for spec in args.methods or []:
             try:
                 parse_method_spec(spec)
@@ -234,7 +244,12 @@ def _add_bench(sub: Any) -> None:
     )
     b.add_argument("--shapes", nargs="+", default=None, help="shape names, e.g. 480p 720p (default: all)")
     b.add_argument("--methods", nargs="+", default=None, help="method specs, e.g. window radial:decay=0.2")
-    b.add_argument("--repeats", type=_positive, default=5, help="timed repeats (median; default 5)")
+    b.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        help="timed repeats (median; default 5; --pipeline --compose: 2 timed skeleton passes)",
+    )
     b.add_argument("--quick", action="store_true", help="light pass: fewer repeats and blocks (see dit_sparse.bench)")
     b.add_argument(
         "--compile",
@@ -243,6 +258,17 @@ def _add_bench(sub: Any) -> None:
         help="also time dense and each method compiled: blocks (regional) or full, next to eager",
     )
     b.add_argument("--out", help="results prefix (default benchmarks/results/e2e-<date>[-quick][-compile-<mode>])")
+    w = b.add_argument_group("whole generations (--pipeline; see dit_sparse.bench.pipeline)")
+    w.add_argument("--pipeline", action="store_true", help="time whole pipeline calls per configuration")
+    w.add_argument("--configs", nargs="+", default=None,
+                   help="configurations: dense, method specs, sage, fbc, taylorseer, compile, joined by + "
+                   "(default: dense and every method)")  # fmt: skip
+    w.add_argument("--timings", nargs="+", choices=bench_pipeline.TIMINGS, default=list(bench_pipeline.TIMINGS),
+                   help="cold, warm (first call of a second process), steady (default: all three)")  # fmt: skip
+    w.add_argument("--compose", action="store_true", help="time each step kind of the schedule and compose the whole")
+    w.add_argument("--measure", action="store_true", help="with --compose: also one full call, compared")
+    w.add_argument("--steps", type=_positive, default=50, help="denoising steps (default 50, the pipelines' own)")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     b.set_defaults(func=commands.cmd_bench)
 
 

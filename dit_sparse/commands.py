@@ -188,6 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from dit_sparse import bench  # noqa: PLC0415
 
+    if args.pipeline:
+        return _bench_pipeline(args)
     if not torch.cuda.is_available():
         raise CLIError(
             "bench times CUDA kernels on full-size models and needs an NVIDIA GPU; no CUDA device is "
@@ -198,8 +200,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{'' if args.compile == 'none' else '-compile-' + args.compile}"
     )
     kwargs = {"quick": args.quick} | ({"compile": args.compile} if args.compile != "none" else {})
-    bench.run(args.models, args.shapes, args.methods, args.repeats, out, "dit-sparse " + shlex.join(sys.argv[1:]),
+    bench.run(args.models, args.shapes, args.methods, args.repeats or 5, out, "dit-sparse " + shlex.join(sys.argv[1:]),
               **kwargs)  # fmt: skip
+    return 0
+
+
+def pipeline_models(models: list[str] | None, shapes: list[str] | None) -> list[str]:
+    """The whole-pipeline benchmark models (``bench.pipeline.PIPELINES``) of ``models`` x ``shapes`` (default
+    Wan2.1-1.3B, every shape it has); a CLIError for a model or shape without a whole-pipeline entry."""
+    from dit_sparse.bench.pipeline import PIPELINES  # noqa: PLC0415
+
+    models = models or ["wan2.1-1.3b"]
+    chosen = [n for n, pm in PIPELINES.items() if pm.model in models and (not shapes or pm.shape in shapes)]
+    missing = [m for m in models if not any(PIPELINES[n].model == m for n in chosen)]
+    if missing:
+        known = ", ".join(f"{pm.model} {pm.shape}" for pm in PIPELINES.values())
+        raise CLIError(f"no whole-pipeline benchmark for {', '.join(missing)}"
+                       f"{' at ' + ', '.join(shapes) if shapes else ''}; known: {known}")  # fmt: skip
+    return chosen
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    """``bench --pipeline``: whole generations per configuration (``dit_sparse.bench.pipeline.run``)."""
+    import torch  # noqa: PLC0415
+
+    from dit_sparse.bench import pipeline  # noqa: PLC0415
+    from dit_sparse.methods import available_methods  # noqa: PLC0415
+
+    chosen = pipeline_models(args.models, args.shapes)
+    configs = args.configs or ["dense", *(m for m in available_methods() if m not in ("dense", "svdit"))]
+    out = args.out or (
+        f"benchmarks/results/pipeline-{datetime.date.today().isoformat()}{'-compose' if args.compose else ''}"
+    )
+    if not args.overwrite and Path(out).with_suffix(".json").exists():
+        raise CLIError(f"{Path(out).with_suffix('.json')} exists; choose another --out or pass --overwrite")
+    if not torch.cuda.is_available():
+        raise CLIError(
+            "bench --pipeline times whole generations on full-size models and needs an NVIDIA GPU; no CUDA device "
+            f"is visible here (torch {torch.__version__}). Use `dit-sparse eval` on the CPU."
+        )
+    print(f"bench --pipeline: {', '.join(chosen)}; {pipeline.NOTE}", flush=True)
+    pipeline.run(chosen, configs, out, steps=args.steps, timings=tuple(args.timings), compose=args.compose,
+                 measure=args.measure, repeats=args.repeats or 2, command="dit-sparse " + shlex.join(sys.argv[1:]),
+                 overwrite=args.overwrite)  # fmt: skip
     return 0
 
 

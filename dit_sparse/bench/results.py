@@ -137,3 +137,98 @@ def write_results(rows: list[BenchRow], out: Path, command: str) -> None:
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(md))
+
+
+# ------------------------------------------------------------------------------------------------ whole generations
+
+
+def whole_s(call: dict | None) -> float | None:
+    """Seconds of one whole generation: denoising + VAE decode (None when the call is missing)."""
+    if not call or call.get("denoise_s") is None:
+        return None
+    return call["denoise_s"] + call.get("decode_s", 0.0)
+
+
+def _ratio(dense: float | None, value: float | None) -> str:
+    return f"{dense / value:.2f}x" if dense and value else "-"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_pipeline_table(rows: list[dict]) -> str:
+    """Markdown table of one model's whole-generation rows (timings = denoising + decode; ratios vs ``dense``)."""
+    dense = next((r for r in rows if r["config"] == "dense" and not r.get("error")), None)
+    ref = {t: whole_s(dense["timings"].get(t)) if dense else None for t in ("cold", "warm", "steady")}
+    lines = [
+        "| config | density | cold s | warm-process first s | steady s | cold vs dense | warm vs dense | "
+        "steady vs dense | peak GiB | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        t = {k: whole_s(r.get("timings", {}).get(k)) for k in ("cold", "warm", "steady")}
+        density = next((c["density"] for c in reversed(r.get("calls", [])) if c.get("density") is not None), None)
+        peak = max((c["peak_gib"] for c in r.get("calls", []) if c.get("peak_gib") is not None), default=None)
+        note = f"FAILED: {r['error']}" if r.get("error") else ""
+        lines.append(
+            f"| {r['config']} | {'' if density is None else f'{density:.3f}'} | {_s(t['cold'])} | {_s(t['warm'])} | "
+            f"{_s(t['steady'])} | {_ratio(ref['cold'], t['cold'])} | {_ratio(ref['warm'], t['warm'])} | "
+            f"{_ratio(ref['steady'], t['steady'])} | {_s(peak)} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def format_compose_table(rows: list[dict]) -> str:
+    """Markdown table of one model's composed rows (denoising + decode; ratios vs the composed ``dense``)."""
+
+    def total(r: dict, key: str) -> float | None:
+        return r[key] + r.get("decode_s", 0.0) if r.get(key) is not None else None
+
+    dense = next((r for r in rows if r["config"] == "dense" and not r.get("error")), None)
+    ref = total(dense, "composed_denoise_s") if dense else None
+    lines = [
+        "| config | step kinds (forwards × ms) | composed s | measured s | diff | composed vs dense | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        kinds = "; ".join(f"{k['kind']} {k['forwards']} × {k['forward_ms']:.0f}" for k in r.get("kinds", []))
+        diff = f"{r['diff_pct']:+.1f}%" if r.get("diff_pct") is not None else "-"
+        note = f"FAILED: {r['error']}" if r.get("error") else ""
+        composed = total(r, "composed_denoise_s")
+        lines.append(
+            f"| {r['config']} | {kinds} | {_s(composed)} | {_s(total(r, 'measured_denoise_s'))} | {diff} | "
+            f"{_ratio(ref, composed)} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def write_pipeline_results(payload: dict, out: Path) -> None:
+    """``out``.json (the payload + environment) and ``out``.md (one table per model), rewritten atomically."""
+    from dit_sparse.files import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload.setdefault("environment", environment())
+    atomic_write_json(out.with_suffix(".json"), payload)
+    env = payload["environment"]
+    compose = payload.get("mode") == "compose"
+    md = [
+        f"# Whole generation{', composed from the schedule' if compose else ''}, {payload['steps']} steps",
+        "",
+        f"{env['device']}, torch {env['torch']}, triton {env['triton']}, diffusers {env['diffusers']}, "
+        f"{env['date']}. {payload['note']}.",
+        f"Command: `{payload['command']}`",
+    ]
+    if not compose:
+        md.append("Seconds per whole generation: denoising + VAE decode. Cold: new process, empty Triton, inductor "
+                  "and dit_sparse tuning caches; warm-process first: first call of a second process on those caches; "
+                  "steady: second call of the first process. Peak: GPU memory allocated while denoising.")  # fmt: skip
+    else:
+        md.append("Composed = every forward at the time of its step kind (derived from the method's own schedule on "
+                  "a tiny model of the same class) + the pipeline without its transformer + one VAE decode; "
+                  "measured = one full call in the same process (steady).")  # fmt: skip
+    for run in payload["runs"]:
+        table = format_compose_table(run["rows"]) if compose else format_pipeline_table(run["rows"])
+        md += ["", f"## {run['pipeline']}", "", table]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")

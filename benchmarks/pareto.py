@@ -1,0 +1,93 @@
+"""Pareto plot: whole-generation speedup (a ``bench --pipeline`` results JSON) against PSNR on the embedded model
+(a ``benchmarks/quality_pipeline.py`` summary.json), one point per configuration found in both.
+
+    python benchmarks/pareto.py benchmarks/results/pipeline-X.json benchmarks/results/quality-pipeline-X/summary.json \\
+        --model wan2.1-1.3b-480p --timing steady --out benchmarks/results/pareto-X.png
+
+Speedup = dense's whole generation (denoising + decode) / the configuration's, same run and timing; PSNR as a mean
+with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not drawn. Configurations without a
+quality row (``+compile``) take their eager configuration's quality (compile computes the same thing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dit_sparse.bench.results import whole_s
+
+
+def speedups(pipeline: dict[str, Any], model: str, timing: str) -> dict[str, float]:
+    """Configuration -> whole-generation speedup against dense at ``timing`` (cold / warm / steady)."""
+    runs = [r for r in pipeline["runs"] if r["pipeline"] == model]
+    if not runs:
+        raise SystemExit(
+            f"no run of {model} in the pipeline results; it has {[r['pipeline'] for r in pipeline['runs']]}"
+        )
+    rows = {r["config"]: whole_s(r.get("timings", {}).get(timing)) for r in runs[0]["rows"] if not r.get("error")}
+    dense = rows.get("dense")
+    if not dense:
+        raise SystemExit(f"no dense {timing} timing of {model}: the speedups need it")
+    return {c: dense / s for c, s in rows.items() if s and c != "dense"}
+
+
+def points(pipeline: dict[str, Any], quality: dict[str, Any], model: str, timing: str) -> list[dict[str, Any]]:
+    """(config, speedup, PSNR mean, PSNR 95% half-width) of every configuration with both figures."""
+    psnr = {s["config"]: s["psnr"] for s in quality["summary"] if s["psnr"]["mean"] is not None}
+    out = []
+    for config, speedup in speedups(pipeline, model, timing).items():
+        eager = "+".join(p for p in config.split("+") if p != "compile") or "dense"
+        q = psnr.get(config) or psnr.get(eager)
+        if q is not None and eager != "dense":
+            out.append({"config": config, "speedup": speedup, "psnr": q["mean"], "ci95": q["ci95"] or 0.0})
+    return out
+
+
+def plot(pts: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in pts:
+        ax.errorbar(p["speedup"], p["psnr"], yerr=p["ci95"], fmt="o", capsize=3)
+        ax.annotate(p["config"], (p["speedup"], p["psnr"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("whole-generation speedup vs dense")
+    ax.set_ylabel("PSNR vs dense on the embedded model (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("pipeline_json", type=Path)
+    p.add_argument("quality_json", type=Path)
+    p.add_argument("--model", default="wan2.1-1.3b-480p", help="pipeline model of the speedups")
+    p.add_argument("--timing", default="steady", choices=["cold", "warm", "steady"])
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write (refused when it exists)")
+    args = p.parse_args(argv)
+    if args.out.exists():
+        p.error(f"{args.out} exists; choose another --out")
+    pipeline = json.loads(args.pipeline_json.read_text())
+    quality = json.loads(args.quality_json.read_text())
+    pts = points(pipeline, quality, args.model, args.timing)
+    if not pts:
+        p.error("no configuration has both a speedup and a PSNR; are the two files of the same configurations?")
+    env = pipeline.get("environment", {})
+    plot(pts, args.out, f"{args.model}, {args.timing}, {env.get('device', '')}; quality: embedded model")
+    for q in sorted(pts, key=lambda q: -q["speedup"]):
+        print(f"{q['config']:24s} {q['speedup']:.2f}x  PSNR {q['psnr']:.2f} ± {q['ci95']:.2f} dB")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Quality of the whole-generation configurations on the embedded model: PSNR / SSIM against dense and the caption
+check, over 50 seeded prompts, each a mean with a 95% interval (GPU or CPU).
+
+Same configuration names as ``dit-sparse bench --pipeline`` (``benchmarks/pipeline.py``), so that
+``benchmarks/pareto.py`` can join the two. The embedded model has 4,096 video tokens (16 x 16 x 16): at the methods'
+default 128-token blocks that is 32 blocks a row and densities of 0.48-0.81, far denser than the 0.07-0.35 they
+reach on the full-size models at 720p. Each method therefore runs at a matched-density setting (``MATCHED``: 32- or
+64-token blocks, the 10-step schedule's warm-up and cycles; every row records its measured density, and the output
+says which setting ran). ``compile`` computes what its eager configuration computes: it has no quality row of its
+own. ``sage`` needs CUDA (its row says so on the CPU). The pieces are the eval's own: ``dit_sparse.eval``
+generation (the pipeline call, ``dit_sparse.apply``), metrics (PSNR, SSIM, caption check) and rows file.
+
+    python benchmarks/quality_pipeline.py --out benchmarks/results/quality-pipeline-X [--configs dense radial fbc]
+
+Writes ``<out>/rows.jsonl`` row by row (a rerun resumes), ``<out>/summary.json`` and ``<out>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dit_sparse.bench.pipeline import ConfigError, parse_config
+from dit_sparse.eval.generation import generate
+from dit_sparse.eval.metrics import caption_ok, psnr, ssim
+from dit_sparse.eval.settings import load_pipeline, resolve_settings
+from dit_sparse.eval.store import append_row, jsonable, load_rows
+from dit_sparse.files import atomic_write_json, atomic_write_text, environment
+
+# matched-density settings on the embedded model (16 x 16 x 16 tokens, 10 steps, no CFG)
+MATCHED: dict[str, dict[str, Any]] = {
+    "window": {"block_size": 32, "tile": (1, 4, 8), "window": (1, 1, 1)},
+    "radial": {"block_size": 64, "min_window": 64},
+    "draft": {"block_size": 32, "pool": (4, 8)},
+    "adaspa": {"block_size": 32, "search_interval": 4},
+    "rettention": {"block_size": 32, "refresh_interval": 2},
+}
+CONFIGS = ["dense", "window", "radial", "draft", "adaspa", "rettention", "sage", "fbc", "taylorseer", "radial+fbc",
+           "radial+taylorseer"]  # fmt: skip
+T95 = 1.96  # normal approximation of the 95% interval (n = 50)
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` seeded captions of the embedded model's grammar."""
+    from dit_sparse.train.data import sample_scenes
+
+    return [s.caption for s in sample_scenes(seed, n)]
+
+
+def interval(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and the half-width of its 95% interval (normal approximation); finite values only."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return {"mean": None, "ci95": None, "n": 0}
+    half = T95 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
+    return {"mean": statistics.fmean(xs), "ci95": half, "n": len(xs)}
+
+
+@contextlib.contextmanager
+def configured(pipe: Any, config: str):  # noqa: ANN201
+    """(method, params) of ``config`` at its matched setting, with its step cache / sage active meanwhile."""
+    cfg = parse_config(config)
+    if cfg.sage and not torch.cuda.is_available():
+        raise RuntimeError("sageattention runs on CUDA only")
+    if cfg.cache is not None:
+        from dit_sparse.bench.pipeline import configure
+
+        configure(pipe, None, dataclasses.replace(cfg, method=None, compile=False))  # the step cache only
+    mode = None
+    if cfg.sage:
+        from dit_sparse.bench.pipeline import SageSDPA
+
+        mode = SageSDPA()
+    try:
+        with mode if mode is not None else contextlib.nullcontext():
+            method = cfg.method[0] if cfg.method else None
+            yield method, ({**MATCHED.get(method, {}), **cfg.method[1]} if cfg.method else None)
+    finally:
+        if cfg.cache is not None:
+            pipe.transformer.disable_cache()
+
+
+def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for config in configs:
+        rs = [r for r in rows if r["config"] == config]
+        if not rs:
+            continue
+        errors = [r["error"] for r in rs if r.get("error")]
+        ok = [r for r in rs if not r.get("error")]
+        out.append({
+            "config": config,
+            "setting": rs[0].get("setting"),
+            "videos": len(ok),
+            "psnr": interval([r["psnr"] for r in ok]),
+            "ssim": interval([r["ssim"] for r in ok]),
+            "caption": interval([float(r["caption_ok"]) for r in ok if r.get("caption_ok") is not None]),
+            "captions_passed": sum(bool(r.get("caption_ok")) for r in ok),
+            "density": interval([r["density"] for r in ok if r.get("density") is not None]),
+            "error": errors[0] if errors else None,
+        })  # fmt: skip
+    return out
+
+
+def _ci(s: dict[str, Any], spec: str) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:{spec}}" + (f" ± {s['ci95']:{spec}}" if s["ci95"] is not None else "")
+
+
+def format_summary(summary: list[dict[str, Any]], n: int) -> str:
+    lines = [
+        f"| config | setting on the embedded model | density | PSNR dB | SSIM | captions passed of {n} | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for s in summary:
+        note = f"FAILED: {s['error']}" if s["error"] else ""
+        lines.append(
+            f"| {s['config']} | {s['setting'] or ''} | {_ci(s['density'], '.3f')} | {_ci(s['psnr'], '.2f')} | "
+            f"{_ci(s['ssim'], '.4f')} | {s['captions_passed']} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder (rows.jsonl, summary.json, summary.md)")
+    p.add_argument("--configs", nargs="+", default=CONFIGS)
+    p.add_argument("--prompts", type=int, default=50, help="seeded prompts (default 50)")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the embedded model's 10)")
+    args = p.parse_args(argv)
+    for config in args.configs:
+        try:
+            parse_config(config)
+        except ConfigError as e:
+            p.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(device=device)
+    settings = resolve_settings(args.steps, embedded=True)
+    rows_path = out / "rows.jsonl"
+    rows = load_rows(rows_path)
+    done = {(r["config"], r["prompt"]) for r in rows}
+    texts = prompts(args.prompts)
+    configs = [c for c in args.configs if "compile" not in c.split("+")]
+    for i, prompt in enumerate(texts, 1):
+        todo = [c for c in configs if (c, prompt) not in done]
+        if not todo:
+            continue
+        ref = generate(pipe, prompt, 0, settings, progress=False).video
+        for config in todo:
+            row: dict[str, Any] = {"config": config, "prompt": prompt, "seed": 0, "device": device}
+            try:
+                with configured(pipe, config) as (method, params):
+                    row["setting"] = f"{method}:{params}" if method else None
+                    g = generate(pipe, prompt, 0, settings, method=method, params=params, progress=False)
+                video = g.video
+                row.update(psnr=psnr(ref, video), ssim=ssim(ref, video), caption_ok=caption_ok(video, prompt),
+                           density=(g.report or {}).get("effective_density"))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - a configuration that cannot run is a row with its reason
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            append_row(rows_path, jsonable(row))
+            rows.append(jsonable(row))
+        print(f"[{i}/{len(texts)}] {prompt!r}: " + ", ".join(
+            f"{r['config']} {r.get('psnr', float('nan')):.1f}" for r in rows[-len(todo):]), flush=True)  # fmt: skip
+    summary = summarize(rows, configs)
+    skipped = [c for c in args.configs if c not in configs]
+    note = (f"embedded model, {len(texts)} seeded prompts (seed 0 each), {device}; PSNR/SSIM against the dense video "
+            "of the same prompt; 95% intervals: mean ± 1.96 s/√n; methods at matched-density settings (column 2)"
+            + (f"; {', '.join(skipped)}: compile computes what its eager configuration computes" if skipped else ""))  # fmt: skip
+    atomic_write_json(out / "summary.json", {"environment": environment(), "command": " ".join(sys.argv),
+                                             "note": note, "summary": summary})  # fmt: skip
+    table = format_summary(summary, len(texts))
+    atomic_write_text(out / "summary.md", f"# Quality of the whole-generation configurations\n\n{note}.\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Whole-generation benchmark (``dit-sparse bench --pipeline``) on the CPU: configurations and their refusals, step
+kinds derived from each method's own schedule on a tiny model, the composition, failure rows, results files and the
+command's errors without CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dit_sparse
+from dit_sparse.bench import compose as C
+from dit_sparse.bench import pipeline as P
+from dit_sparse.bench.results import format_pipeline_table, whole_s, write_pipeline_results
+from dit_sparse.cli import main
+from dit_sparse.methods import get_method
+
+PASSES = ("cond", "uncond")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple:
+    return P.tiny_transformer("wan")
+
+
+def _scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def _kinds(tiny: tuple, method: str, steps: int, **params) -> tuple[C.Schedule, list[int]]:
+    model, inputs = tiny
+    return C.step_kinds(model, _scheduler(), inputs, method, params, steps, PASSES)
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+
+
+def test_parse_config_parts_and_refusals() -> None:
+    c = P.parse_config("radial:decay=0.3+fbc+compile")
+    assert c.method == ("radial", {"decay": 0.3}) and c.cache == "fbc" and c.compile and not c.sage
+    assert P.parse_config("dense").method is None and P.parse_config("dense+compile").compile
+    assert P.parse_config("sage").sage
+    for text, reason in [
+        ("radial+window", "one sparse method at a time"),
+        ("fbc+taylorseer", "one step cache at a time"),
+        ("sage+radial", "sage is dense INT8 attention"),
+        ("radial+nosuch", "neither a method nor one of dense, sage, compile"),
+        ("", "empty configuration"),
+    ]:
+        with pytest.raises(P.ConfigError, match=reason):
+            P.parse_config(text)
+    assert P.parse_config("radial+taylorseer").composable.startswith("taylorseer decides at run time")
+    assert P.parse_config("radial+compile").composable is None
+
+
+def test_every_pipeline_model_has_its_transformer_and_shape() -> None:
+    from dit_sparse.bench import MODELS
+
+    assert set(P.PIPELINES) == {"wan2.1-1.3b-480p", "wan2.1-1.3b-720p", "wan2.1-14b-720p", "hunyuanvideo-720p"}
+    for pm in P.PIPELINES.values():
+        assert pm.shape in MODELS[pm.model].shapes
+    assert P.PIPELINES["wan2.1-14b-720p"].passes == PASSES and P.PIPELINES["hunyuanvideo-720p"].passes == ("cond",)
+    assert MODELS["hunyuanvideo"].shapes["720p"] == (129, 720, 1280)
+
+
+# ------------------------------------------------------------------------------------------------ step kinds
+
+
+def test_radial_kinds_follow_its_scaled_warmup(tiny: tuple) -> None:
+    schedule, steps = _kinds(tiny, "radial", 10)
+    warm = get_method("radial").config.warmup_steps(10)  # 12 of 50 -> 2 of 10
+    assert warm == 2
+    assert [k for k, _ in schedule.kinds] == ["dense"] * warm + [schedule.kinds[warm][0]] * (10 - warm)
+    assert schedule.counts() == {"dense": 2 * warm, schedule.kinds[warm][0]: 2 * (10 - warm)}
+    assert steps == [0, warm]
+    assert all(len(set(step)) == 1 for step in schedule.kinds)  # both CFG passes alike
+
+
+def test_adaspa_kinds_are_its_searches(tiny: tuple) -> None:
+    schedule, steps = _kinds(tiny, "adaspa", 50)
+    first_search, sparse, later_search = (schedule.kinds[s][0] for s in (10, 11, 30))
+    assert len({"dense", first_search, sparse, later_search}) == 4
+    assert first_search.startswith("full+LSE") and later_search.startswith("sparse +")
+    assert schedule.steps_of(first_search) == [10] and schedule.steps_of(later_search) == [30]
+    assert schedule.steps_of("dense") == list(range(10))
+    assert steps == [0, 10, 11, 30]
+
+
+def test_rettention_kinds_are_its_refresh_cycle(tiny: tuple) -> None:
+    method = get_method("rettention", refresh_interval=3)
+    schedule, steps = _kinds(tiny, "rettention", 12, refresh_interval=3)
+    warm = method.config.warmup_steps(12)  # 15 of 50 -> 4 of 12
+    refresh = [s for s in range(warm, 12) if (s - warm) % 3 == 0]
+    assert refresh == [4, 7, 10]
+    refresh_kinds = {schedule.kinds[s][0] for s in refresh}
+    assert all(k.startswith("full+LSE, sparse+LSE(aux)") for k in refresh_kinds)
+    others = {schedule.kinds[s][0] for s in range(warm, 12) if s not in refresh}
+    assert not others & refresh_kinds and all(k.startswith("sparse") for k in others)
+    assert schedule.steps_of("dense") == list(range(warm))
+    assert steps[0] == 0 and set(refresh[:2]) <= set(steps) and steps[-1] <= 10
+
+
+def test_skeleton_falls_back_when_the_state_depends_on_skipped_steps() -> None:
+    full = {(0, "cond"): (), (5, "cond"): (("a",),)}
+    assert C.check_skeleton(full, dict(full), [0, 5]) == [0, 5]
+    assert C.check_skeleton(full, {(0, "cond"): (), (5, "cond"): (("b",),)}, [0, 5]) == list(range(6))
+
+
+def test_recorder_gives_the_method_its_attend_back() -> None:
+    method = get_method("radial")
+    own = method.attend
+    recorder = C.WorkRecorder(method)
+    assert method.attend != own
+    recorder.close()
+    assert method.attend == own and "attend" not in method.__dict__
+
+
+# ------------------------------------------------------------------------------------------------ composition
+
+
+def test_compose_sums_the_schedule_and_needs_every_kind() -> None:
+    schedule = C.Schedule(PASSES, (("dense", "dense"), ("sparse", "sparse"), ("sparse", "sparse")))
+    assert schedule.counts() == {"dense": 2, "sparse": 4}
+    assert C.compose(schedule, {"dense": 100.0, "sparse": 50.0}, rest_s=0.5) == pytest.approx(0.5 + 0.4)
+    with pytest.raises(ValueError, match="no time for the step kind"):
+        C.compose(schedule, {"dense": 100.0}, rest_s=0.0)
+    dense = C.dense_schedule(50, PASSES)
+    assert dense.counts() == {"forward": 100} and C.skeleton(dense) == [0]
+
+
+def test_time_kinds_times_every_kind_of_the_skeleton(tiny: tuple) -> None:
+    model, inputs = tiny
+    schedule, steps = _kinds(tiny, "radial", 6)
+    sched = _scheduler()
+    sched.set_timesteps(6)
+    holder = C._Holder(model, sched)
+    dit_sparse.apply(holder, "radial")
+    try:
+        logs: list[str] = []
+        kind_ms = C.time_kinds(model, sched.timesteps, schedule, steps, inputs, repeats=1, log=logs.append)
+        rep = dit_sparse.report(model, reset=True)
+    finally:
+        dit_sparse.remove(model)
+    assert set(kind_ms) == set(schedule.counts()) and all(ms > 0 for ms in kind_ms.values())
+    assert "untimed pass" in logs[0]
+    assert rep.sparse_calls > 0 and rep.dense_calls > 0  # the skeleton reached warm-up and sparse steps
+    total = C.compose(schedule, kind_ms, 0.0)
+    assert total == pytest.approx(sum(n * kind_ms[k] for k, n in schedule.counts().items()) / 1e3)
+
+
+# ------------------------------------------------------------------------------------------------ rows and files
+
+
+def _fake_launch(results: list[dict], seen: list[tuple]):
+    def launch(job: dict, env: dict, timeout: float | None) -> dict:
+        seen.append((job, env))
+        return results[len(seen) - 1]
+
+    return launch
+
+
+def test_run_config_three_timings_from_two_processes() -> None:
+    seen: list[tuple] = []
+    calls = [{"denoise_s": 10.0, "decode_s": 1.0}, {"denoise_s": 8.0, "decode_s": 1.0}]
+    launch = _fake_launch([{"calls": calls, "build_s": 2.0}, {"calls": [{"denoise_s": 9.0, "decode_s": 1.0}]}], seen)
+    row = P.run_config("wan2.1-1.3b-480p", "radial", 50, P.TIMINGS, False, False, 2, launch=launch)
+    assert whole_s(row["timings"]["cold"]) == 11.0 and whole_s(row["timings"]["steady"]) == 9.0
+    assert whole_s(row["timings"]["warm"]) == 10.0 and "error" not in row
+    (job1, env1), (job2, env2) = seen
+    assert job1["calls"] == 2 and job2["calls"] == 1
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "DIT_SPARSE_TUNING_CACHE"):
+        assert env1[var] == env2[var] and not Path(env1[var]).exists()  # shared, fresh, removed after the row
+
+
+def test_run_config_failure_rows_keep_the_reason() -> None:
+    seen: list[tuple] = []
+    row = P.run_config(
+        "wan2.1-1.3b-480p", "radial+window", 50, P.TIMINGS, False, False, 2, launch=_fake_launch([], seen)
+    )
+    assert row["error"].startswith("radial+window: one sparse method") and not seen
+    row = P.run_config("wan2.1-1.3b-480p", "fbc", 50, P.TIMINGS, True, False, 2, launch=_fake_launch([], seen))
+    assert row["error"].startswith("not composable: fbc decides at run time") and not seen
+    crashed = {"calls": [], "error": "process exit 1: RuntimeError: CUDA out of memory"}
+    row = P.run_config("wan2.1-1.3b-480p", "rettention", 50, P.TIMINGS, False, False, 2,
+                       launch=_fake_launch([crashed], seen))  # fmt: skip
+    assert "out of memory" in row["error"] and len(seen) == 1  # no warm process after a failed cold one
+
+
+def test_launch_turns_a_crashing_worker_into_a_row() -> None:
+    row = P._launch({"pipeline": "wan2.1-1.3b-480p", "config": "dense", "steps": 1, "calls": 1}, {}, 120)
+    assert row["calls"] == [] and row["error"].startswith("process exit")
+
+
+def _payload(rows: list[dict], mode: str = "pipeline") -> dict:
+    return {"command": "dit-sparse bench --pipeline", "note": P.NOTE, "steps": 50, "mode": mode,
+            "runs": [{"pipeline": "wan2.1-1.3b-480p", "rows": rows}]}  # fmt: skip
+
+
+def test_results_files_table_ratios_and_failures(tmp_path: Path) -> None:
+    call = {"denoise_s": 60.0, "decode_s": 3.0, "peak_gib": 4.7}
+    fast = {"denoise_s": 39.0, "decode_s": 3.0, "peak_gib": 5.0, "density": 0.5}
+    rows = [
+        {"config": "dense", "calls": [call], "timings": {"cold": call, "steady": call}},
+        {"config": "radial", "calls": [fast], "timings": {"cold": fast, "steady": fast}},
+        P.failed_row("radial+window", "radial+window: one sparse method at a time (radial and window)"),
+    ]
+    table = format_pipeline_table(rows)
+    assert "| radial | 0.500 | 42.0 | - | 42.0 | 1.50x | - | 1.50x | 5.0 |" in table
+    assert "FAILED: radial+window: one sparse method" in table
+    write_pipeline_results(_payload(rows), tmp_path / "r")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["runs"][0]["rows"][2]["error"] and data["environment"]["torch"] == torch.__version__
+    md = (tmp_path / "r.md").read_text()
+    assert "prompt embeddings given, text encoder not timed" in md and "## wan2.1-1.3b-480p" in md
+
+
+def test_compose_results_print_composed_and_measured(tmp_path: Path) -> None:
+    r = {"config": "radial", "calls": [], "composed_denoise_s": 45.0, "measured_denoise_s": 44.0, "decode_s": 3.0,
+         "diff_pct": 100 * (45 / 44 - 1), "kinds": [{"kind": "dense", "forwards": 24, "forward_ms": 600.0}]}  # fmt: skip
+    assert P.composition_line(r) == "composed 45.0 s, measured 44.0 s, diff +2.3%"
+    assert P.composition_line({"composed_denoise_s": 45.0}) == "composed 45.0 s, measured - (no full run)"
+    write_pipeline_results(_payload([r], "compose"), tmp_path / "c")
+    md = (tmp_path / "c.md").read_text()
+    assert "| radial | dense 24 × 600 | 48.0 | 47.0 | +2.3% |" in md
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--pipeline"], "needs an NVIDIA GPU"),
+        (["bench", "--compose"], "--compose: only with --pipeline"),
+        (["bench", "--pipeline", "--compose", "--measure", "--configs", "dense"], "needs an NVIDIA GPU"),
+        (["bench", "--pipeline", "--measure"], "--measure compares a composed total"),
+        (["bench", "--pipeline", "--methods", "radial"], "--pipeline takes --configs"),
+        (["bench", "--pipeline", "--models", "cogvideox1.5-5b"], "no whole-pipeline benchmark for cogvideox1.5-5b"),
+        (["bench", "--pipeline", "--shapes", "1080p"], "no whole-pipeline benchmark for wan2.1-1.3b at 1080p"),
+    ],
+)
+def test_cli_errors_without_cuda(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_results(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "r.json").write_text("{}")
+    assert main(["bench", "--pipeline", "--out", str(tmp_path / "r")]) == 2
+    assert "exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+
+
+def test_cli_delegates_models_and_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(P, "run", lambda *a, **k: seen.append((a, k)))
+    argv = ["bench", "--pipeline", "--models", "wan2.1-1.3b", "wan2.1-14b", "--shapes", "720p", "--compose",
+            "--configs", "dense", "radial+compile", "--out", str(tmp_path / "p")]  # fmt: skip
+    assert main(argv) == 0
+    (pipelines, configs, out), kw = seen[0]
+    assert pipelines == ["wan2.1-1.3b-720p", "wan2.1-14b-720p"] and configs == ["dense", "radial+compile"]
+    assert kw["compose"] and kw["repeats"] == 2 and kw["timings"] == P.TIMINGS
