@@ -26,11 +26,16 @@ autograd formula): :func:`traceable` says when the op path is taken.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+ENABLED = os.environ.get("DIT_SPARSE_GRAPH_OPS", "1") != "0"
+"""Trace self-attention through the ops (default). ``DIT_SPARSE_GRAPH_OPS=0`` (or setting this False before
+compiling) traces the older way, a graph break per self-attention call, for comparisons (``benchmarks``)."""
 
 _KEYS = itertools.count(1)
 _SITES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -61,7 +66,7 @@ def tracker_key(tracker: Any) -> int:
 def traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a self-attention call being traced goes through :func:`attend` (no autograd through it: not when
     gradients are wanted)."""
-    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return ENABLED and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
 def _found(registry: weakref.WeakValueDictionary, key: int, what: str) -> Any:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dit_sparse.layout import TokenLayout
+from dit_sparse.layout import TokenLayout, VoxelLayout
 from dit_sparse.state import SITE_ATTR
 
 from .base import ModelAdapter
@@ -60,8 +60,8 @@ class DeclaredAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, layout: LayoutSpec, attention: str | None = None) -> None:
         super().__init__()
-        if not isinstance(layout, TokenLayout) and not callable(layout):
-            raise TypeError(f"dit_sparse: layout= takes a TokenLayout or a function returning one, got {layout!r}")
+        if not isinstance(layout, (TokenLayout, VoxelLayout)) and not callable(layout):
+            raise TypeError(f"dit_sparse: layout= takes a TokenLayout (or VoxelLayout) or a function returning one, got {layout!r}")
         self._declared = layout
         self._modules: list[tuple[str, nn.Module]] = []
         self._routers: list[Any] = []
@@ -81,8 +81,8 @@ class DeclaredAdapter(ModelAdapter):
         return inputs
 
     def layout(self, model: nn.Module, inputs: dict[str, Any]) -> TokenLayout:
-        layout = self._declared if isinstance(self._declared, TokenLayout) else self._declared(inputs)
-        if not isinstance(layout, TokenLayout):
+        layout = self._declared if isinstance(self._declared, (TokenLayout, VoxelLayout)) else self._declared(inputs)
+        if not isinstance(layout, (TokenLayout, VoxelLayout)):
             raise TypeError(
                 f"dit_sparse: no token layout for this forward of {type(model).__name__}: the layout function returned "
                 f"{layout!r}; it must return a TokenLayout of the self-attention tokens ({_DECLARE})"

@@ -85,14 +85,16 @@ def test_model_folder(pipe) -> None:
 
 
 def test_wheels_carry_the_whole_model_folder() -> None:
-    """pyproject installs assets/ as dit_sparse/assets: its package-data globs must match every model file."""
+    """pyproject installs assets/ as dit_sparse/assets: its package-data globs must match every file of every
+    embedded model folder (the video model and the 3D one)."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = Path(__file__).resolve().parent.parent
     cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     assets = root / cfg["package-dir"]["dit_sparse.assets"]
     assert MODEL.parent.resolve() == assets.resolve()
     packaged = {p for pattern in cfg["package-data"]["dit_sparse.assets"] for p in assets.glob(pattern) if p.is_file()}
-    assert packaged == {p for p in MODEL.rglob("*") if p.is_file()}
+    assert packaged == {p for p in assets.rglob("*") if p.is_file() and p.parent != assets}
+    assert {p.parent.name for p in packaged if p.parent.parent == assets} >= {MODEL.name, "tiny-3d"}
 
 
 def test_generate_short_video(pipe) -> None:
