@@ -61,11 +61,26 @@ def machine() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-        "cuda_driver": torch._C._cuda_getDriverVersion() if cuda else None,
+        "cuda_driver": _driver_version() if cuda else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "dit_sparse": __version__,
     }
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version (``/proc/driver/nvidia/version`` on Linux; else the CUDA runtime torch was built
+    with, which is all torch itself tells)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        text = ""
+    for word in text.split():
+        if word.count(".") >= 1 and word.replace(".", "").isdigit():
+            return word
+    import torch
+
+    return f"cuda-runtime-{torch.version.cuda}"
 
 
 def cache_path(folder: Path, stamp: dict[str, Any]) -> Path:
