@@ -58,8 +58,8 @@ def apply(
     pipeline, the dense warm-up follows its scheduler's step count (:class:`~dit_sparse.methods.MethodConfig`).
 
     ``torch.compile``: apply, then compile (``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
-    ``torch.compile(transformer)``); each self-attention call is a graph break that runs the method eagerly, nothing
-    recompiles per step (see :mod:`dit_sparse.processor`).
+    ``torch.compile(transformer)``, ``fullgraph=True`` included); each self-attention call is a custom op that runs the
+    method at run time, nothing breaks the graph or recompiles per step (see :mod:`dit_sparse.graph`).
     """
     models = pipeline_transformers(pipe_or_transformer)
     if layout is None and attention is not None:

@@ -8,10 +8,11 @@ short text attention) passes through. Dense warm-up steps, dense layers and shor
 
 ``torch.compile``: apply first, then compile. Regional compilation (``transformer.compile_repeated_blocks()`` where the
 model defines ``_repeated_blocks``, or ``block.compile()`` on each transformer block) and ``torch.compile(transformer)``
-both work: Dynamo traces the native processor (projections, norms, RoPE are compiled) and the interception, and breaks
-the graph only at the self-attention call, which runs eagerly (:func:`_attend_eager`: the method, the kernel, the
-per-step state). Nothing per-step is read in traced code, so steps never recompile; the transformer's hooks run
-eagerly. With ``torch.compile`` of the whole transformer the Diffusers way (``set_attn_processor``) needs
+both work: Dynamo traces the native processor (projections, norms, RoPE are compiled) and the interception; the
+self-attention call becomes the custom op ``dit_sparse::attend`` (:mod:`dit_sparse.graph`), whose real implementation
+runs :meth:`SparseProcessor.attention` at run time (the method, the kernel, the per-step state): no graph break,
+``fullgraph=True`` works. Nothing per-step is read in traced code, so steps never recompile. With gradients flowing
+the call stays a graph break that runs eagerly (:func:`_attend_eager`). With ``torch.compile`` of the whole transformer the Diffusers way (``set_attn_processor``) needs
 ``dit_sparse.apply`` or one eager forward first (the first-sighting hooks of :mod:`dit_sparse.finder` are not traced).
 """
 
@@ -120,8 +121,8 @@ class SparseProcessor:
             ``dense_steps``, ``dense_layers``, ``min_seq_len`` included).
 
     Under ``torch.compile`` (apply, then ``transformer.compile_repeated_blocks()``, ``block.compile()`` per block, or
-    ``torch.compile(transformer)``) the native processor is traced and compiled; the self-attention call is a graph
-    break that runs the method eagerly with the current step's state; no recompilation per step or per block.
+    ``torch.compile(transformer)``) the native processor is traced and compiled; the self-attention call is the
+    custom op ``dit_sparse::attend`` (no graph break); no recompilation per step or per block.
 
     Models without an adapter (Diffusers or not) whose self-attention calls ``F.scaled_dot_product_attention``:
     ``dit_sparse.apply(model, method, layout=TokenLayout(...))`` (or ``layout=`` a function of the forward's inputs

@@ -61,7 +61,9 @@ class DeclaredAdapter(ModelAdapter):
     def __init__(self, model: nn.Module, layout: LayoutSpec, attention: str | None = None) -> None:
         super().__init__()
         if not isinstance(layout, (TokenLayout, VoxelLayout)) and not callable(layout):
-            raise TypeError(f"dit_sparse: layout= takes a TokenLayout (or VoxelLayout) or a function returning one, got {layout!r}")
+            raise TypeError(
+                f"dit_sparse: layout= takes a TokenLayout or a function returning one (a VoxelLayout for sparse voxels), got {layout!r}"
+            )
         self._declared = layout
         self._modules: list[tuple[str, nn.Module]] = []
         self._routers: list[Any] = []

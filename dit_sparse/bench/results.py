@@ -82,7 +82,7 @@ def _format_compiled(rows: list[BenchRow]) -> str:
     notes.append(
         f"- compiled ({', '.join(modes)}; blocks = regional compile_repeated_blocks, full = torch.compile(transformer); "
         "inductor, dynamic=False): dense = the model's own processors compiled; methods = dit_sparse applied, their "
-        "self-attention a graph break run eagerly. Untimed warm-up forwards absorb compilation; compiled attn share = "
+        "self-attention the custom op dit_sparse::attend (no graph break; DIT_SPARSE_GRAPH_OPS=0: a graph break). Untimed warm-up forwards absorb compilation; compiled attn share = "
         "eager dense SDPA time / compiled dense forward"
     )
     for (model, shape), group in itertools.groupby(rows, key=lambda r: (r.model, r.shape)):
