@@ -1,4 +1,5 @@
-"""Sparse attention under Diffusers' Ulysses context parallelism: 2 CPU processes (gloo) against one process.
+"""Sparse attention under Diffusers' Ulysses context parallelism: 2 CPU processes (gloo) against one process, one
+transformer forward and one whole generation.
 
 Diffusers 0.42.1 computes the rank's device as ``rank % torch.accelerator.device_count()``, which divides by zero on
 a CPU-only torch; the workers report one accelerator so that the mesh is built on ``cpu`` (the only shim). The
@@ -37,6 +38,7 @@ def _worker(rank: int, port: int, method: str, params: dict, results: str) -> No
         model, inputs = tiny_dit.wan()
         dit_sparse.apply(model, method, **params)
         single = tiny_dit.run(model, inputs)
+        single_latents = tiny_dit.generate_latents(tiny_dit.wan_pipeline(model))
         dit_sparse.report(model, reset=True)
         enable_context_parallel(model, WORLD)
         seen = []
@@ -48,6 +50,9 @@ def _worker(rank: int, port: int, method: str, params: dict, results: str) -> No
 
         SparseProcessor.attention = spy
         parallel = tiny_dit.run(model, inputs)
+        density = dit_sparse.report(model).effective_density
+        SparseProcessor.attention = attention
+        parallel_latents = tiny_dit.generate_latents(tiny_dit.wan_pipeline(model))
         proc = model.blocks[0].attn1.processor
         torch.save(
             {
@@ -55,7 +60,8 @@ def _worker(rank: int, port: int, method: str, params: dict, results: str) -> No
                 "parallel": parallel,
                 "seen": seen,
                 "offset": head_offset(proc._parallel_config, 1),
-                "density": dit_sparse.report(model).effective_density,
+                "density": density,
+                "latents": (single_latents, parallel_latents),
             },
             f"{results}/{rank}.pt",
         )
@@ -84,6 +90,7 @@ def test_ulysses_equals_single_process(tmp_path, method, params, sparse):
         assert r["seen"] == [(1, 1, 256, 12)] * 2
         assert r["offset"] == rank
         assert (r["density"] < 1.0) == sparse
+        torch.testing.assert_close(r["latents"][1], r["latents"][0], rtol=0, atol=1e-4)  # a whole CFG generation
 
 
 @pytest.mark.parametrize(
