@@ -22,10 +22,15 @@ Not supported, with a clear error (:func:`check_context_parallel`):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
+import torch
 from torch import nn
 
+from dit_sparse.methods.base import Method
 from dit_sparse.pipelines import pipeline_transformers
 from dit_sparse.processor import SparseProcessor
 
@@ -41,9 +46,8 @@ def head_offset(parallel_config: Any, local_heads: int) -> int:
     return cp._ulysses_local_rank * local_heads if cp.ulysses_degree > 1 else 0
 
 
-def _head_coupled(processor: SparseProcessor) -> str | None:
-    """Why the processor's method needs all heads of a layer (None: it plans each head from that head only)."""
-    method = processor.method
+def _head_coupled(method: Method) -> str | None:
+    """Why ``method`` needs all heads of a layer (None: it plans each head from that head only)."""
     if method.name == "adaspa":
         return "adaspa's head-adaptive sparsity ranks all heads of a layer"
     if method.name == "svdit" and method.config.config is not None:
@@ -74,13 +78,17 @@ def check_context_parallel(transformer: nn.Module, config: Any) -> None:
                 f"dit_sparse under context parallelism needs the {CP_BACKEND!r} attention backend, the transformer "
                 f"uses {backend!r}: call transformer.set_attention_backend({CP_BACKEND!r}) first"
             )
-        reason = _head_coupled(processor)
-        if reason is not None:
-            raise NotImplementedError(
-                f"dit_sparse: method {processor.method.name!r} is not supported under Ulysses context parallelism "
-                f"({reason}; each rank sees {config.ulysses_degree}x fewer heads): use dense, radial, window, "
-                "draft or rettention"
-            )
+        check_method(processor.method)
+
+
+def check_method(method: Method) -> None:
+    """Raise a clear error when ``method`` cannot run under Ulysses context parallelism (it couples heads)."""
+    reason = _head_coupled(method)
+    if reason is not None:
+        raise NotImplementedError(
+            f"dit_sparse: method {method.name!r} is not supported under Ulysses context parallelism ({reason}; "
+            "each rank sees a slice of the heads): use dense, radial, window, draft or rettention"
+        )
 
 
 def enable_context_parallel(pipe_or_transformer: Any, ulysses_degree: int) -> Any:
@@ -105,3 +113,25 @@ def enable_context_parallel(pipe_or_transformer: Any, ulysses_degree: int) -> An
     for transformer in transformers:
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses_degree))
     return pipe_or_transformer
+
+
+def launch(gpus: int, argv: list[str]) -> int:
+    """Run ``python -m dit_sparse *argv`` on ``gpus`` local CUDA devices through torchrun; its exit status.
+
+    A clear error when this machine has fewer CUDA devices.
+    """
+    found = torch.cuda.device_count()
+    if gpus > found:
+        raise ValueError(f"{gpus} GPUs asked for, this machine has {found} CUDA device(s): use at most {found}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    return subprocess.run([*cmd, "-m", "dit_sparse", *argv], check=False).returncode
+
+
+def launched_rank() -> int | None:
+    """Under :func:`launch`: join the process group (NCCL), use the rank's GPU, return the rank; else None."""
+    if "LOCAL_RANK" not in os.environ:
+        return None
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return local

@@ -117,3 +117,25 @@ def test_heads_must_divide_ulysses_degree():
     model, _ = tiny_dit.wan()  # 2 heads
     with pytest.raises(ValueError, match="not divisible by ulysses_degree=3"):
         enable_context_parallel(model, 3)
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    from dit_sparse.cli import main
+
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_gpus_more_than_the_machine_has_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "v.mp4"
+    err = _cli_error(capsys, ["generate", "a red circle", "--method", "window", "--gpus", "2", "--out", str(out)])
+    assert "--gpus 2: 2 GPUs asked for, this machine has 1 CUDA device(s)" in err
+    assert not out.exists()
+
+
+def test_gpus_refuses_head_coupled_methods_and_a_device(capsys):
+    err = _cli_error(capsys, ["generate", "a red circle", "--method", "adaspa", "--gpus", "2"])
+    assert "--gpus 2: dit_sparse: method 'adaspa' is not supported" in err
+    err = _cli_error(capsys, ["generate", "a red circle", "--method", "window", "--gpus", "2", "--device", "cpu"])
+    assert "leave out --device cpu" in err
