@@ -2,7 +2,7 @@
 does is in :mod:`dit_sparse.commands`).
 
     dit-sparse generate "a red circle moving right" --method radial [--model PATH] [--steps N] [--seed S]
-        [--frames F --height H --width W] [--guidance G] [--out video.mp4] [--force] [--param key=value ...]
+        [--frames F --height H --width W] [--guidance G] [--out video.mp4] [--force] [--param key=value ...] [--gpus N]
     dit-sparse eval --methods dense,window,radial --prompts FILE|builtin --seeds 0,1 --out runs/NAME
     dit-sparse bench [--models ...] [--methods ...] [--quick] [--compile none|blocks|full]   (CUDA only)
     dit-sparse bench --pipeline [--models ...] [--shapes ...] [--configs ...] [--compose [--measure]]   (CUDA only)
@@ -195,6 +195,9 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--out", help="output video (.mp4 or .gif; default: <prompt>-<method>-s<seed>.mp4)")
     g.add_argument("--force", "--overwrite", action="store_true", help="overwrite an existing output file")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--gpus", type=_positive, default=1, help="run on N local GPUs (torchrun, Ulysses context parallelism)"
+    )
     _add_generation_args(g)
     g.set_defaults(func=commands.cmd_generate)
 

@@ -55,6 +55,36 @@ def _settings(args: argparse.Namespace, folder: Path, steps: int | None = None) 
 # ------------------------------------------------------------------------------------------------ generate
 
 
+def _generate_rank(args: argparse.Namespace) -> int | None:
+    """``--gpus N``: the rank of a process torchrun started (its GPU becomes ``--device``); None otherwise."""
+    if args.gpus == 1:
+        return None
+    from dit_sparse.methods import get_method  # noqa: PLC0415
+    from dit_sparse.parallel import check_method, launched_rank  # noqa: PLC0415
+
+    if args.method != "none":
+        try:
+            check_method(get_method(args.method, **args.params))
+        except NotImplementedError as exc:
+            raise CLIError(f"--gpus {args.gpus}: {exc}") from None
+    if args.device not in (None, "cuda"):
+        raise CLIError(f"--gpus {args.gpus} runs on cuda:0..{args.gpus - 1}: leave out --device {args.device}")
+    rank = launched_rank()
+    if rank is not None:
+        args.device = f"cuda:{rank}"
+    return rank
+
+
+def _launch_generate(args: argparse.Namespace) -> int:
+    """Run this ``generate`` command once per GPU under torchrun (Ulysses context parallelism)."""
+    from dit_sparse.parallel import launch  # noqa: PLC0415
+
+    try:
+        return launch(args.gpus, sys.argv[1:])
+    except ValueError as exc:
+        raise CLIError(f"--gpus {args.gpus}: {exc}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate one video with a sparse-attention method and write it as MP4 (GIF fallback)."""
     from dit_sparse.eval.run import complete_settings, default_value, generate, load_pipeline  # noqa: PLC0415
@@ -73,12 +103,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".gif" and not ffmpeg_available()[0]:
         check_output(out.with_suffix(".gif"), (".gif",), args.force)  # where the video will go instead
     folder = check_model_folder(args.model, supported_models())
+    rank = _generate_rank(args)
     target, backend = check_device(args.device, args.backend)
     settings = _settings(args, folder)
     _check_size(args, folder, settings, target, backend, sparse=args.method != "none")
+    if args.gpus > 1 and rank is None:
+        return _launch_generate(args)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(folder, device=str(target), dtype=args.dtype)
+    if rank is not None:
+        from dit_sparse.parallel import enable_context_parallel  # noqa: PLC0415
+
+        enable_context_parallel(pipe, args.gpus)
     load_s = time.perf_counter() - t0
     settings = complete_settings(settings, pipe)
     params = args.params
@@ -86,6 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe, args.prompt, args.seed, settings, method=args.method, params=params, backend=args.backend,
         progress=not args.quiet, desc=f"{args.method} step", leave=True,
     )  # fmt: skip
+    if rank not in (None, 0):
+        return 0  # every rank holds the same video: rank 0 writes it
     try:
         written, note = write_video(out, g.video, fps=settings.fps)
     except OSError as exc:
