@@ -1,4 +1,4 @@
-"""AdaSpa's block-mass kernel (kernels/block_mass.py) on the device: correctness, launch configurations, speed vs SDPA.
+"""AdaSpa's block-mass kernel (dit_sparse/kernels/block_mass.py) on the device: correctness, launch configurations, speed vs SDPA.
 
     python benchmarks/block_mass.py --out benchmarks/results     # writes block-mass-<date>.{json,md}
 

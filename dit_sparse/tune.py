@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from dit_sparse.kernels import block_sparse_attention
-from dit_sparse.kernels import triton_attention as ta
 from dit_sparse.kernels.tuning_cache import ENV, cache_folder
 from dit_sparse.plan import BlockPlan, num_blocks
 
@@ -84,6 +83,8 @@ def tune(
         raise TuneError(f"the tuning cache is off ({ENV}=off): the results would be lost; unset {ENV}")
     if os.environ.get("DIT_SPARSE_AUTOTUNE", "1") == "0":
         raise TuneError("autotuning is off (DIT_SPARSE_AUTOTUNE=0): nothing would be tuned; unset it")
+    from dit_sparse.kernels import triton_attention as ta  # needs triton: imported only when tuning
+
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     for (batch, heads, seq_len), d, dtype, density, block, perm in itertools.product(

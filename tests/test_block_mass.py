@@ -1,4 +1,4 @@
-"""AdaSpa's block mass (kernels/block_mass.py): torch reference and fused Triton kernel against a brute-force softmax."""
+"""AdaSpa's block mass (dit_sparse/kernels/block_mass.py): torch reference and fused Triton kernel against a brute-force softmax."""
 
 from __future__ import annotations
 

@@ -333,8 +333,7 @@ def test_every_package_is_installed():
     root = Path(__file__).resolve().parents[1]
     text = (root / "pyproject.toml").read_text()
     listed = set(re.findall(r'"(dit_sparse[\w.]*)"', re.search(r"^packages = \[(.*)\]$", text, flags=re.M).group(1)))
-    folders = {"dit_sparse": "dit_sparse", "kernels": "dit_sparse.kernels", "pipelines": "dit_sparse.pipelines",
-               "eval": "dit_sparse.eval"}  # fmt: skip
+    folders = {"dit_sparse": "dit_sparse", "pipelines": "dit_sparse.pipelines", "eval": "dit_sparse.eval"}
     found = set()
     for folder, package in folders.items():
         for init in (root / folder).rglob("__init__.py"):
