@@ -340,3 +340,16 @@ def test_every_package_is_installed():
             rel = init.parent.relative_to(root / folder).parts
             found.add(".".join((package, *rel)))
     assert found <= listed, f"not installed: {sorted(found - listed)}"
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """Commands run from the repository root (``python -m pytest``) put it first on sys.path, so none of its top-level
+    packages may share its name with an installed distribution's module (transformers >= 5.25 imports the Hugging Face
+    ``kernels`` package: a top-level ``kernels/`` folder here broke every Diffusers import)."""
+    import importlib.metadata as md
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ours = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()} - {"dit_sparse"}
+    installed = set(md.packages_distributions())
+    assert ours and not ours & installed, f"top-level folders shadowing installed packages: {sorted(ours & installed)}"
