@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 import dit_sparse
 from dit_sparse.bench.models import MODELS, ModelSpec, _wan_inputs, build_model
+from dit_sparse.eval.testing import TINY_WAN_CONFIG
 from dit_sparse.files import atomic_write_json, atomic_write_text, environment
 from dit_sparse.parallel import enable_context_parallel
 from dit_sparse.timing import median_ms
@@ -36,20 +37,7 @@ from dit_sparse.timing import median_ms
 WAN_MODELS = ("wan2.1-1.3b", "wan2.1-14b")
 SMOKE = ModelSpec(
     "WanTransformer3DModel",
-    dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ),  # fmt: skip
+    TINY_WAN_CONFIG,
     {"smoke": (13, 128, 128)},
     _wan_inputs,
     note="tiny random Wan (2 heads, 2 blocks), 4x8x8 = 256 video tokens",

@@ -21,6 +21,23 @@ TINY_WORDS = (
 ).split()
 
 
+TINY_WAN_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+"""The tiny random WanTransformer3DModel config of the CPU tests and smoke runs (2 heads of 12, 2 blocks)."""
+
+
 def _tokenizer() -> Any:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # noqa: PLC0415
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
@@ -52,20 +69,7 @@ def tiny_random_wan_pipeline(seed: int = 0, *, layers: int = 2) -> Any:
             decoder_start_token_id=0,
         )
     ).eval()
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    transformer = WanTransformer3DModel(**{**TINY_WAN_CONFIG, "num_layers": layers})
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
