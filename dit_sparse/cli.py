@@ -21,13 +21,14 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dit_sparse import bench, commands
 from dit_sparse.bench import pipeline as bench_pipeline
 from dit_sparse.estimate import EstimateError
 from dit_sparse.eval.store import RunFolderBusy
-from dit_sparse.kernels.api import BACKENDS
+from dit_sparse.kernels.api import BACKENDS, PRECISIONS
 from dit_sparse.methods import available_methods, get_method, parse_method_spec
 from dit_sparse.methods.base import parse_value
 from dit_sparse.methods.svdit import SvditConfigError
@@ -341,6 +342,10 @@ def _add_tune(sub: Any) -> None:
     t.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
     t.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.125, 0.0625])
     t.add_argument("--blocks", nargs="+", type=_positive, default=[128], help="block sizes (default 128)")
+    t.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["bf16"], help="default bf16")
+    t.add_argument("--export", type=Path, metavar="FOLDER",
+                   help="then write this machine's tuning file into FOLDER as a shippable table (GPU name + triton "
+                   "version; the package ships dit_sparse/kernels/tuned/)")  # fmt: skip
     t.set_defaults(func=commands.cmd_tune)
 
 

@@ -341,11 +341,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Pre-tune the Triton attention kernel (:func:`dit_sparse.tune.tune`); one line per problem."""
     import torch  # noqa: PLC0415
 
-    from dit_sparse.tune import tune  # noqa: PLC0415
+    from dit_sparse.kernels.tuning_cache import cache_path, export_table, table_stamp  # noqa: PLC0415
+    from dit_sparse.tune import TuneError, tune  # noqa: PLC0415
 
+    if args.export is not None and cache_path(args.export, table_stamp()).exists():  # before the tuning, not after
+        raise TuneError(f"{cache_path(args.export, table_stamp())} exists; remove it or choose another folder")
     rows = tune(
-        args.shapes, args.head_dims, [getattr(torch, d) for d in args.dtypes], args.densities, blocks=args.blocks
+        args.shapes,
+        args.head_dims,
+        [getattr(torch, d) for d in args.dtypes],
+        args.densities,
+        blocks=args.blocks,
+        precisions=args.precisions,
     )
     for row in rows:
         print("  ".join(f"{k}={v}" for k, v in row.items()))
+    if args.export is not None:
+        print(f"wrote {export_table(args.export)}")
     return 0

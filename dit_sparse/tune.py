@@ -63,13 +63,15 @@ def tune(
     *,
     blocks: Sequence[int] = (128,),
     permuted: Sequence[bool] = (False, True),
+    precisions: Sequence[str] = ("bf16",),
     device: torch.device | str = "cuda",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Tune the Triton attention kernel for every combination of ``shapes`` (``(batch, heads, seq_len)``),
     ``head_dims``, ``dtypes`` (default bfloat16), ``densities`` (default 1 down to 1/16, one per tuning octave),
-    ``blocks`` (plan block sizes, default 128, the methods' default) and ``permuted`` (plans with a token order,
-    default both); the results go to the tuning file.
+    ``blocks`` (plan block sizes, default 128, the methods' default), ``permuted`` (plans with a token order,
+    default both) and ``precisions`` (the kernel's ``precision``, default ``bf16``; ``fp8`` needs sm90+); the results
+    go to the tuning file.
 
     Returns one row per combination: the problem, ``config`` (the configuration chosen) and ``source``: ``tuned``
     (timed now), ``cache`` (read from the tuning file) or ``untimed`` (a key already chosen in this process, or a
@@ -87,13 +89,13 @@ def tune(
 
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    for (batch, heads, seq_len), d, dtype, density, block, perm in itertools.product(
-        shapes, head_dims, dtypes, densities, blocks, permuted
+    for (batch, heads, seq_len), d, dtype, density, block, perm, precision in itertools.product(
+        shapes, head_dims, dtypes, densities, blocks, permuted, precisions
     ):
         plan = random_plan(seq_len, heads, block, density, perm, device=device, generator=generator)
         q, k, v = (torch.randn(batch, seq_len, heads, d, dtype=dtype, device=device).transpose(1, 2) for _ in "qkv")
         n_log = len(ta.TUNER.log)
-        block_sparse_attention(q, k, v, plan, backend="triton")
+        block_sparse_attention(q, k, v, plan, backend="triton", precision=precision)
         new = ta.TUNER.log[n_log:]
         source = "untimed" if not new else "cache" if "cached" in new[0] else "tuned"
         rows.append(
@@ -106,6 +108,7 @@ def tune(
                 density=density,
                 block=block,
                 permuted=perm,
+                precision=precision,
                 config=str(ta.TUNER.last),
                 source=source,
             )  # fmt: skip

@@ -203,13 +203,14 @@ def _payload(rows: list[dict], mode: str = "pipeline") -> dict:
 def test_results_files_table_ratios_and_failures(tmp_path: Path) -> None:
     call = {"denoise_s": 60.0, "decode_s": 3.0, "peak_gib": 4.7}
     fast = {"denoise_s": 39.0, "decode_s": 3.0, "peak_gib": 5.0, "density": 0.5}
+    cold = {**fast, "denoise_s": 49.5, "tuned_keys": 3, "stored_keys": 9}
     rows = [
         {"config": "dense", "calls": [call], "timings": {"cold": call, "steady": call}},
-        {"config": "radial", "calls": [fast], "timings": {"cold": fast, "steady": fast}},
+        {"config": "radial", "calls": [cold, fast], "timings": {"cold": cold, "steady": fast}},
         P.failed_row("radial+window", "radial+window: one sparse method at a time (radial and window)"),
     ]
     table = format_pipeline_table(rows)
-    assert "| radial | 0.500 | 42.0 | - | 42.0 | 1.50x | - | 1.50x | 5.0 |" in table
+    assert "| radial | 0.500 | 52.5 | - | 42.0 | 1.20x | - | 1.50x | +25.0% |  | 3 / 9 | 5.0 |" in table
     assert "FAILED: radial+window: one sparse method" in table
     write_pipeline_results(_payload(rows), tmp_path / "r")
     data = json.loads((tmp_path / "r.json").read_text())

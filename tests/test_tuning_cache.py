@@ -188,3 +188,96 @@ def test_the_machine_stamp_names_the_versions():
     assert set(stamp) == {"gpu", "cuda_driver", "torch", "triton", "dit_sparse"}
     if not torch.cuda.is_available():
         assert stamp["gpu"] == "cpu" and stamp["cuda_driver"] is None
+
+
+# ------------------------------------------------------------------------------------------------ shipped tables
+TABLE_STAMP = {"gpu": "Test GPU", "triton": "3.9"}
+
+
+@pytest.fixture
+def tables(folder, tmp_path, monkeypatch):
+    """An empty shipped-tables folder in place of the package's (the machine is STAMP)."""
+    monkeypatch.setattr(tc, "TABLES_FOLDER", tmp_path / "tables")
+    monkeypatch.delenv(tc.TABLES_ENV, raising=False)
+    return tmp_path / "tables"
+
+
+def _ship(tables, data, stamp=TABLE_STAMP) -> None:
+    path = tc.cache_path(tables, stamp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_a_shipped_table_serves_a_key_the_machines_file_lacks_without_timing_or_copying(tables, folder):
+    assert tc.table_stamp() == TABLE_STAMP  # GPU name + triton major.minor, not the driver or torch
+    _ship(tables, {"format": 1, "machine": TABLE_STAMP, "kernels": {"toy": {'[64, "bf16"]': {"config": "c", "ms": 2}}}})
+    tuner = Tuner("toy", persist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuner.pick((64, "bf16"), ["a", "b", "c"], lambda cfg: pytest.fail("timed a shipped key")) == "c"
+    assert tuner.log[0]["cached"] == str(tc.cache_path(tables, TABLE_STAMP)) and tuner.log[0]["stored_ms"] == 2.0
+    assert not folder.exists()  # not copied into the machine's file
+    assert _tuned_fresh((128, "bf16")) == ("b", ["a", "b", "c"])  # a key the table lacks is tuned
+
+
+def test_the_machines_own_file_wins_over_the_shipped_table(tables, folder):
+    _tuned_fresh()  # stores "b"
+    _ship(tables, {"format": 1, "machine": TABLE_STAMP, "kernels": {"toy": {'[64, "bf16"]': {"config": "c", "ms": 2}}}})
+    assert Tuner("toy", persist=True).pick((64, "bf16"), ["a", "b", "c"], lambda cfg: pytest.fail("timed")) == "b"
+
+
+def test_tables_of_another_gpu_are_never_read_and_the_env_var_turns_tables_off(tables, monkeypatch):
+    good = {"format": 1, "machine": TABLE_STAMP, "kernels": {"toy": {'[64, "bf16"]': {"config": "c", "ms": 2}}}}
+    _ship(tables, "{not json", {"gpu": "NVIDIA H100", "triton": "3.9"})  # another GPU's table: not even opened
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _tuned_fresh() == ("b", ["a", "b", "c"])
+    _ship(tables, good)
+    monkeypatch.setenv(tc.TABLES_ENV, "off")
+    assert tc.shipped_table() is None
+    assert _tuned_fresh((64, "x")) == ("b", ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("{not json", "unreadable"),
+        ({"format": 1, "machine": {"gpu": "Test GPU", "triton": "3.8"}, "kernels": {}}, "written for"),
+        ({"format": 1, "machine": TABLE_STAMP, "kernels": {"toy": {'[64, "bf16"]': {"config": "z", "ms": 1}}}}, "none"),
+    ],
+)
+def test_a_bad_shipped_table_is_ignored_with_a_warning(tables, content, says):
+    _ship(tables, content)
+    with pytest.warns(UserWarning, match=says):
+        assert _tuned_fresh() == ("b", ["a", "b", "c"])
+
+
+def test_export_writes_the_machines_file_as_a_table_and_never_overwrites(tables, folder, tmp_path):
+    _tuned_fresh()
+    path = tc.export_table(tables)
+    data = json.loads(path.read_text())
+    assert path == tc.cache_path(tables, TABLE_STAMP)
+    assert data == {
+        "format": 1,
+        "machine": TABLE_STAMP,
+        "kernels": {"toy": {'[64, "bf16"]': {"config": "b", "ms": 1.0}}},
+    }
+    with pytest.raises(FileExistsError, match="exists"):
+        tc.export_table(tables)
+    with pytest.raises(ValueError, match="no tuned entries"):
+        tc.export_table(tmp_path / "t2", source=tmp_path / "missing.json")
+
+
+def test_the_package_ships_a_well_formed_h200_table():
+    shipped = sorted(tc.TABLES_FOLDER.glob("*.json"))
+    assert [p.name for p in shipped] == ["gpu-nvidia-h200-triton-3-6.json"]
+    data = json.loads(shipped[0].read_text())
+    assert data["machine"] == {"gpu": "NVIDIA H200", "triton": "3.6"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels = tc._read(shipped[0], data["machine"])
+    from dit_sparse.kernels.triton_attention import TuneKey
+
+    entries = kernels["triton block-sparse attention"]
+    assert len(entries) >= 70
+    assert all(len(tc.key_from_json(k)) == len(TuneKey._fields) for k in entries)

@@ -253,10 +253,13 @@ def decode_s(pipe: Any, latents: torch.Tensor) -> float:
 
 
 def timed_call(pipe: Any, kwargs: dict[str, Any], context: Callable[[], Any]) -> tuple[dict[str, Any], torch.Tensor]:
-    """One pipeline call: denoising seconds, its peak GPU memory (GiB), the latents."""
+    """One pipeline call: denoising seconds, its peak GPU memory (GiB), the latents, and how the Triton kernel found
+    its launch configurations during the call (``tuned_keys``: timed now; ``stored_keys``: read from the tuning file
+    or the shipped table)."""
     _sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    n_log = len(_tuner_log())
     t0 = time.perf_counter()
     with context():
         latents = pipe(**kwargs).frames
@@ -264,7 +267,16 @@ def timed_call(pipe: Any, kwargs: dict[str, Any], context: Callable[[], Any]) ->
     row = {"denoise_s": time.perf_counter() - t0}
     if torch.cuda.is_available():
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    new = _tuner_log()[n_log:]
+    row["tuned_keys"] = len({e["key"] for e in new if "cached" not in e})
+    row["stored_keys"] = len({e["key"] for e in new if "cached" in e})
     return row, latents
+
+
+def _tuner_log() -> list[dict[str, Any]]:
+    """The Triton kernel's tuning log (empty when the kernel was never imported: nothing was tuned)."""
+    module = sys.modules.get("dit_sparse.kernels.triton_attention")
+    return module.TUNER.log if module is not None else []
 
 
 def rest_s(pipe: Any, kwargs: dict[str, Any]) -> float:

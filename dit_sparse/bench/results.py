@@ -163,20 +163,28 @@ def format_pipeline_table(rows: list[dict]) -> str:
     ref = {t: whole_s(dense["timings"].get(t)) if dense else None for t in ("cold", "warm", "steady")}
     lines = [
         "| config | density | cold s | warm-process first s | steady s | cold vs dense | warm vs dense | "
-        "steady vs dense | peak GiB | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "steady vs dense | cold penalty | warm penalty | cold keys tuned / stored | peak GiB | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         t = {k: whole_s(r.get("timings", {}).get(k)) for k in ("cold", "warm", "steady")}
         density = next((c["density"] for c in reversed(r.get("calls", [])) if c.get("density") is not None), None)
         peak = max((c["peak_gib"] for c in r.get("calls", []) if c.get("peak_gib") is not None), default=None)
         note = f"FAILED: {r['error']}" if r.get("error") else ""
+        cold = r.get("timings", {}).get("cold") or {}
+        keys = f"{cold['tuned_keys']} / {cold['stored_keys']}" if "tuned_keys" in cold else ""
         lines.append(
             f"| {r['config']} | {'' if density is None else f'{density:.3f}'} | {_s(t['cold'])} | {_s(t['warm'])} | "
             f"{_s(t['steady'])} | {_ratio(ref['cold'], t['cold'])} | {_ratio(ref['warm'], t['warm'])} | "
-            f"{_ratio(ref['steady'], t['steady'])} | {_s(peak)} | {note} |"
+            f"{_ratio(ref['steady'], t['steady'])} | {_penalty(t['cold'], t['steady'])} | "
+            f"{_penalty(t['warm'], t['steady'])} | {keys} | {_s(peak)} | {note} |"
         )
     return "\n".join(lines)
+
+
+def _penalty(first: float | None, steady: float | None) -> str:
+    """How much slower a first call is than the steady state (``+12.3%``), blank without both."""
+    return f"{100.0 * (first / steady - 1.0):+.1f}%" if first and steady else ""
 
 
 def format_compose_table(rows: list[dict]) -> str:

@@ -24,8 +24,8 @@ class Tuner(Generic[C]):
         kernel: the kernel's name (messages, and the file name a stored tuner would use).
         best: key → the fastest configuration timed for it.
         log: one dict per configuration timed: ``key``, ``config``, and ``ms`` (median) or ``error``, plus what the
-            kernel adds (e.g. the shape); a configuration read from the tuning file instead has ``cached`` (the
-            file) and ``stored_ms`` in place of ``ms``.
+            kernel adds (e.g. the shape); a configuration read from the tuning file or a shipped table instead has
+            ``cached`` (that file) and ``stored_ms`` in place of ``ms``.
         last: the configuration of the latest launch (benchmarks), None before any.
         persist: whether results are read from and written to the tuning file (default False; the kernels' are).
     """
@@ -44,8 +44,9 @@ class Tuner(Generic[C]):
         time_ms: Callable[[C], float],
         **details: Any,
     ) -> C:
-        """The fastest of ``candidates`` for ``key``: cached, else stored in the tuning file (persistent tuners, more
-        than one candidate), else each is timed once with ``time_ms(config)`` (and the winner stored).
+        """The fastest of ``candidates`` for ``key``: cached, else stored in the tuning file or a shipped table
+        (persistent tuners, more than one candidate), else each is timed once with ``time_ms(config)`` (and the
+        winner stored in the tuning file).
 
         A candidate whose timing raises (does not compile, does not fit in shared memory) is logged and skipped;
         a RuntimeError when none runs. ``details`` go into each log entry. Only a key's first use reads the
@@ -56,8 +57,8 @@ class Tuner(Generic[C]):
         file = TuningFile.current() if self.persist and len(candidates) > 1 else None
         stored = file.lookup(self.kernel, key, candidates) if file is not None else None
         if stored is not None:
-            cfg, ms = stored
-            self.log.append({"key": str(key), "config": str(cfg), **details, "cached": str(file.path), "stored_ms": ms})
+            cfg, ms, path = stored
+            self.log.append({"key": str(key), "config": str(cfg), **details, "cached": str(path), "stored_ms": ms})
             self.best[key] = cfg
             return cfg
         times: dict[C, float] = {}

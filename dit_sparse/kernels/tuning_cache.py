@@ -13,6 +13,14 @@ Keys are tuples of str / int / bool (:func:`key_to_json` keeps their types); a c
 file, another stamp, a malformed entry, a name no candidate has) is ignored with a warning naming the file, and the
 key is retuned. Writes re-read the file and merge (another process may have added keys meanwhile), then replace it
 atomically; two processes writing in the same instant can still lose one entry, which is then retuned once.
+
+**Shipped tables.** The package ships tuned tables (``dit_sparse/kernels/tuned/*.json``, made with ``dit-sparse tune
+--export``) for the shapes its benchmarks use. A table is stamped with the GPU name and the triton version only
+(:func:`table_stamp`): the configuration choice does not depend on the driver or torch. A key missing from this
+machine's file is looked up in the table of the same GPU name and triton major.minor (the file named after that
+stamp; tables of other GPUs are never read) before it is timed; a table's answer is not copied into the machine's
+file. ``DIT_SPARSE_TUNED_TABLES=off`` ignores the tables (e.g. to time an
+untuned cold start). A malformed table is ignored with a warning, like a malformed file.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from dit_sparse.files import atomic_write_json, slug
 
 ENV = "DIT_SPARSE_TUNING_CACHE"
 """Environment variable: the cache folder, or ``off``."""
+TABLES_ENV = "DIT_SPARSE_TUNED_TABLES"
+"""Environment variable: ``off`` ignores the shipped tuned tables."""
+TABLES_FOLDER = Path(__file__).parent / "tuned"
+"""Where the shipped tuned tables live (package data)."""
 DEFAULT_FOLDER = Path("~/.cache/dit_sparse/tuning")
 FORMAT = 1
 
@@ -111,7 +123,7 @@ def _warn(path: Path, what: str) -> None:
 
 def _read(path: Path, stamp: dict[str, Any], warn: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
     """The ``kernels`` table of ``path`` with only its well-formed entries ({} when the file is missing, corrupt or of
-    another stamp); what is ignored gets a warning when ``warn``."""
+    another stamp than ``stamp``); what is ignored gets a warning when ``warn``."""
 
     def ignore(what: str) -> None:
         if warn:
@@ -166,16 +178,20 @@ class TuningFile:
         stamp = machine()
         return cls(cache_path(folder, stamp), stamp)
 
-    def lookup(self, kernel: str, key: tuple, candidates: Sequence[C]) -> tuple[C, float] | None:
-        """The stored configuration of ``key`` among ``candidates`` (matched by name) and its stored time, else None
-        (with a warning when the entry names no candidate)."""
-        entry = _read(self.path, self.stamp).get(kernel, {}).get(key_to_json(key))
-        if entry is None:
-            return None
-        for cfg in candidates:
-            if str(cfg) == entry["config"]:
-                return cfg, float(entry["ms"])
-        _warn(self.path, f"{kernel} {key}: config {entry['config']!r} is none of {[str(c) for c in candidates]}")
+    def lookup(self, kernel: str, key: tuple, candidates: Sequence[C]) -> tuple[C, float, Path] | None:
+        """The stored configuration of ``key`` among ``candidates`` (matched by name), its stored time and the file
+        it came from: this machine's file, else the shipped table (:func:`shipped_table`); None when neither has it
+        (with a warning when an entry names no candidate)."""
+        table = shipped_table()
+        sources = [(self.path, self.stamp)] + ([] if table is None else [(table, table_stamp())])
+        for path, stamp in sources:
+            entry = _read(path, stamp).get(kernel, {}).get(key_to_json(key))
+            if entry is None:
+                continue
+            for cfg in candidates:
+                if str(cfg) == entry["config"]:
+                    return cfg, float(entry["ms"]), path
+            _warn(path, f"{kernel} {key}: config {entry['config']!r} is none of {[str(c) for c in candidates]}")
         return None
 
     def record(self, kernel: str, key: tuple, cfg: Any, ms: float) -> None:
@@ -192,13 +208,52 @@ class TuningFile:
             )
 
 
+def table_stamp() -> dict[str, Any]:
+    """What a shipped table is valid for: this machine's GPU name and triton major.minor."""
+    stamp = machine()
+    triton = stamp["triton"]
+    return {"gpu": stamp["gpu"], "triton": ".".join(triton.split(".")[:2]) if triton else None}
+
+
+def shipped_table() -> Path | None:
+    """The shipped tuned table of this machine's :func:`table_stamp` in :data:`TABLES_FOLDER`, if the package has
+    one (None too when ``DIT_SPARSE_TUNED_TABLES=off``)."""
+    if os.environ.get(TABLES_ENV, "").strip().lower() == "off":
+        return None
+    path = cache_path(TABLES_FOLDER, table_stamp())
+    return path if path.exists() else None
+
+
+def export_table(folder: Path, source: Path | None = None) -> Path:
+    """Write this machine's tuning file (or ``source``, a tuning file of this machine's stamp) into ``folder`` as a
+    shippable table stamped with :func:`table_stamp` (named after it); returns its path. Refuses to overwrite it."""
+    if source is None:
+        current = TuningFile.current()
+        source = current.path if current is not None else None
+    if source is None:
+        raise ValueError(f"the tuning cache is off ({ENV}=off): there is no tuning file to export")
+    kernels = _read(source, machine())
+    if not any(kernels.values()):
+        raise ValueError(f"no tuned entries for this machine in {source}; run dit-sparse tune first")
+    path = cache_path(folder, table_stamp())
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it or choose another folder")
+    atomic_write_json(path, {"format": FORMAT, "machine": table_stamp(), "kernels": kernels})
+    return path
+
+
 __all__ = [
     "DEFAULT_FOLDER",
     "ENV",
+    "TABLES_ENV",
+    "TABLES_FOLDER",
     "TuningFile",
     "cache_folder",
     "cache_path",
+    "export_table",
     "key_from_json",
     "key_to_json",
     "machine",
+    "shipped_table",
+    "table_stamp",
 ]
