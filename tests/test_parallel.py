@@ -149,6 +149,20 @@ def test_ulysses_svdit_search_file_equals_single_process(tmp_path):
     _check_equal(_run(tmp_path, "svdit", 4, config=str(path), block_size=16, min_seq_len=0), 4, True)
 
 
+def test_svdit_modes_of_a_rank_are_its_slice_of_the_file(tmp_path):
+    from dit_sparse.methods import get_method
+    from dit_sparse.methods.svdit import SvditConfigError, save_config
+
+    modes = ["dense", "multi_diagonal", "diagonal", "skip"]
+    path = tmp_path / "svdit.json"
+    save_config({"format": "dit-sparse/svdit", "version": 1, "heads": 4, "num_layers": 1, "layers": {"0": modes}}, path)
+    method = get_method("svdit", config=path)
+    assert method.layer_modes(0, 2, head_offset=0, layer_heads=4) == modes[:2]
+    assert method.layer_modes(0, 2, head_offset=2, layer_heads=4) == modes[2:]
+    with pytest.raises(SvditConfigError, match="lists 4 heads for layer 0, the model has 8"):
+        method.layer_modes(0, 4, head_offset=4, layer_heads=8)  # 8 heads over 2 ranks: not this file's model
+
+
 def test_ring_attention_is_a_clear_error():
     from diffusers import ContextParallelConfig
 
