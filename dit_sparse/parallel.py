@@ -54,10 +54,20 @@ class UlyssesHeads:
 
 
 def ulysses_heads(parallel_config: Any) -> UlyssesHeads | None:
-    """The rank's heads under a Diffusers ``ParallelConfig`` with Ulysses degree > 1; None otherwise (every head)."""
+    """The rank's heads under a Diffusers ``ParallelConfig`` with Ulysses degree > 1; None otherwise (every head).
+
+    Diffusers' ``ulysses_anything`` mode (head counts not divisible by the degree, padded with zero heads) is refused:
+    the padding heads would count among the layer's heads.
+    """
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None or cp.ulysses_degree <= 1:
         return None
+    if getattr(cp, "ulysses_anything", False):
+        raise NotImplementedError(
+            "dit_sparse: ContextParallelConfig(ulysses_anything=True) is not supported (it pads the heads to a multiple "
+            "of ulysses_degree): use ContextParallelConfig(ulysses_degree=N) with N dividing the number of heads "
+            "(dit_sparse.parallel.enable_context_parallel)"
+        )
     return UlyssesHeads(cp._ulysses_local_rank, cp.ulysses_degree, cp._ulysses_mesh.get_group())
 
 

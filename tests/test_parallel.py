@@ -177,6 +177,17 @@ def test_ring_attention_is_a_clear_error():
     check_context_parallel(model, ContextParallelConfig(ulysses_degree=2))
 
 
+def test_ulysses_anything_is_a_clear_error():
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    from dit_sparse.parallel import ulysses_heads
+
+    assert ulysses_heads(None) is None
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+    with pytest.raises(NotImplementedError, match="ulysses_anything=True"):
+        ulysses_heads(config)
+
+
 def test_heads_must_divide_ulysses_degree():
     from dit_sparse.parallel import enable_context_parallel
 
