@@ -1,14 +1,15 @@
 """Sparse attention on 1 and 2 GPUs (Ulysses context parallelism, issue 21): transformer forward and whole generation.
 
     torchrun --nproc-per-node 2 benchmarks/parallel.py                      # nvidia-h200-x2: Wan2.1-1.3B + 14B, 720p
-    torchrun --nproc-per-node 2 benchmarks/parallel.py --models wan2.1-1.3b --methods none radial --steps 10
+    torchrun --nproc-per-node 2 benchmarks/parallel.py --models wan2.1-1.3b --methods none radial adaspa --steps 10
     python benchmarks/parallel.py --smoke                                    # CPU, 2 gloo processes, tiny Wan
 
 Random bf16 weights (``dit_sparse.bench.models``; Wan2.1-14B times its 10-block subset, as ``benchmarks/e2e.py``).
 Per model and method (``none`` = the model's own attention): rank 0 alone times one forward (median of
 ``--repeats``) and one whole text-free CFG generation of ``--steps`` steps (random prompt embeddings, latent output);
 then every rank enables Ulysses context parallelism (:func:`dit_sparse.parallel.enable_context_parallel`) and the
-same is timed on all GPUs, and its forward output is compared with the 1-GPU one (relative L2; same seeded
+same is timed on all GPUs (any registered method: adaspa's head-adaptive rule all-gathers its per-head recalls
+over the ranks at each search), and its forward output is compared with the 1-GPU one (relative L2; same seeded
 weights and inputs on every rank). Whole generation = the denoising loop with CFG, latent output (no VAE). Writes ``benchmarks/results/parallel-<date>[-smoke].json`` and ``.md`` (rank 0; refuses to
 overwrite). ``--smoke``: CPU, gloo, a 2-head Wan transformer at 256 tokens (Diffusers needs one accelerator to be
 reported on a CPU-only torch: the script reports one).

@@ -36,6 +36,7 @@ from dit_sparse.finder import FINDER
 from dit_sparse.kernels.api import BACKENDS, block_sparse_attention
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import MethodConfig, get_method
+from dit_sparse.parallel import UlyssesHeads, ulysses_heads
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import SITE_ATTR, Frame, LayerStats, Site, StepContext, in_backward
 from dit_sparse.timing import Timer
@@ -163,6 +164,7 @@ class SparseProcessor:
         self.error_sample = error_sample
         self._natives: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
         self._full_plans: dict[tuple, BlockPlan] = {}
+        self._ulysses: weakref.WeakKeyDictionary[Any, UlyssesHeads] = weakref.WeakKeyDictionary()  # per tracker
 
     def __repr__(self) -> str:
         return f"SparseProcessor({self.method!r}, backend={self.backend!r})"
@@ -276,7 +278,7 @@ class SparseProcessor:
             ctx = StepContext(
                 step, frame.timestep, frame.cfg_pass, router.layer, index, layout,
                 tracker.state.layer_cache(router.layer, frame.cfg_pass), tracker.component, frame.num_steps,
-                dense_steps,
+                dense_steps, *self._heads(tracker, q.shape[1]),
             )  # fmt: skip
             out, lse = self._sparse(q, k, v, layout, ctx, scale, kv_len, stats)
             stats.sparse_calls += 1
@@ -285,6 +287,21 @@ class SparseProcessor:
         if record and not dense and self.error_sample > 0 and index % self.error_sample == 0:
             self._record_error(q, k, v, out, lse, scale, kv_len, stats)  # measured outside attention_ms
         return out
+
+    def _heads(self, tracker: Any, local_heads: int) -> tuple[int, int, Any]:
+        """The call's (head offset, layer heads, head group) for its :class:`StepContext` (Ulysses context parallelism:
+        the rank's slice of the heads; else ``(0, local_heads, None)``).
+
+        Read from the transformer's Diffusers parallel config, the object ``enable_parallelism`` sets on every
+        attention processor (the native ones included), once per transformer: Diffusers enables parallelism once.
+        """
+        heads = self._ulysses.get(tracker)
+        if heads is None:
+            heads = ulysses_heads(getattr(tracker.model, "_parallel_config", None))
+            if heads is None:  # not cached: parallelism may be enabled after this call
+                return 0, local_heads, None
+            self._ulysses[tracker] = heads
+        return heads.offset(local_heads), heads.degree * local_heads, heads.group
 
     def _extras(
         self,

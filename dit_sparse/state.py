@@ -52,6 +52,12 @@ class StepContext:
             dit_sparse was given a transformer without its pipeline).
         dense_steps: the dense warm-up steps in force for this generation (:meth:`MethodConfig.warmup_steps`; the
             processor always sets it; None: a context built by hand, the config's count at ``num_steps``).
+        head_offset: index of the call's first head among the layer's heads (default 0). Under Ulysses context
+            parallelism over ``w`` ranks (:mod:`dit_sparse.parallel`) rank ``r`` holds heads ``[r*H/w, (r+1)*H/w)``
+            of the layer's ``H``, so ``r*H/w``.
+        layer_heads: the layer's heads over all ranks, ``H`` (default None: the call's own, ``q.shape[1]``).
+        head_group: the process group over which the layer's heads are split (Ulysses), for a method that couples
+            heads (:func:`dit_sparse.parallel.gather_heads`); default None: the call holds every head.
     """
 
     step: int
@@ -64,6 +70,9 @@ class StepContext:
     transformer: str = "transformer"
     num_steps: int | None = None
     dense_steps: int | None = None
+    head_offset: int = 0
+    layer_heads: int | None = None
+    head_group: Any = None
 
     @property
     def layer_key(self) -> tuple[str, int]:

@@ -14,7 +14,11 @@ sparse attention of its method section; defaults from its experimental setup). N
 - **Head-adaptive sparsity.** With base sparsity ``s``, each head's recall is the share of its (video rows')
   attention mass that the top-k blocks at sparsity ``s`` capture. With ``n`` the number of heads whose recall
   exceeds ``recall`` (capped at ``H // 2``), the ``n`` best heads get sparsity ``(1 + s) / 2`` and the ``n`` worst
-  ``(3s − 1) / 2`` (clamped at 0): the mean stays ``s``. Per sample of the batch.
+  ``(3s − 1) / 2`` (clamped at 0): the mean stays ``s``. Per sample of the batch. The rule ranks all heads of a
+  layer: under Ulysses context parallelism (each rank holds ``H/w`` heads, ``StepContext.head_offset``) the recalls
+  of every rank are all-gathered over the Ulysses group (:func:`dit_sparse.parallel.gather_heads`, ``B x H`` floats
+  once per search) and each rank applies the rule to its own heads: the plans equal the single-process ones. Plans,
+  LSE and statistics stay the rank's own heads'.
 
 Defaults (paper): ``sparsity = 0.8``, ``recall = 0.8``, ``block_size = 64``, dense for the first 10 of 50 steps
 (``dense_steps = 10``), searches at steps 10 and 30 (``search_interval = 20``: a search at ``dense_steps`` and
@@ -51,6 +55,7 @@ from dit_sparse.kernels.block_mass import block_mass
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods.base import Kernel, Method, MethodConfig, check_range, register
 from dit_sparse.methods.selection import forced_blocks, keep_count, keep_first, rank_rows, text_blocks
+from dit_sparse.parallel import gather_heads
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import StepContext
 
@@ -136,8 +141,14 @@ class AdaSpa(Method):
         return state.step < latest
 
     # ---------------------------------------------------------------- search
-    def select(self, mass: torch.Tensor, layout: TokenLayout) -> tuple[BlockPlan, torch.Tensor, torch.Tensor]:
-        """Plan from block masses ``[B, H, M, M]``: per-row top-k with head-adaptive k; also recall and sparsity."""
+    def select(
+        self, mass: torch.Tensor, layout: TokenLayout, ctx: StepContext | None = None
+    ) -> tuple[BlockPlan, torch.Tensor, torch.Tensor]:
+        """Plan from block masses ``[B, H, M, M]``: per-row top-k with head-adaptive k; also recall and sparsity.
+
+        ``ctx`` (default None: ``mass`` holds every head of the layer) places the heads among the layer's heads under
+        context parallelism: the head-adaptive rule then ranks the recalls of every rank's heads.
+        """
         cfg = self.config
         b, h, m, _ = mass.shape
         text = text_blocks(layout, cfg.block_size, device=mass.device)
@@ -150,11 +161,14 @@ class AdaSpa(Method):
         recall = captured / (cum[..., -1] * video_rows).sum(-1).clamp_min(1e-30)  # [B, H]
         sparsity = torch.full_like(recall, s)
         k: torch.Tensor | int = k_base
-        if cfg.head_adaptive and h > 1:
-            easy = (recall > cfg.recall).sum(-1, keepdim=True).clamp(max=h // 2)  # [B, 1]
-            rank = recall.argsort(-1, descending=True).argsort(-1)  # 0 = highest recall
+        group, offset = (None, 0) if ctx is None else (ctx.head_group, ctx.head_offset)
+        layer_heads = h if ctx is None or ctx.layer_heads is None else ctx.layer_heads
+        if cfg.head_adaptive and layer_heads > 1:
+            every = recall if group is None else gather_heads(recall, group)  # [B, layer_heads]
+            easy = (every > cfg.recall).sum(-1, keepdim=True).clamp(max=layer_heads // 2)  # [B, 1]
+            rank = every.argsort(-1, descending=True).argsort(-1)[:, offset : offset + h]  # 0 = highest recall
             s_hi, s_lo = (1.0 + s) / 2.0, max(0.0, (3.0 * s - 1.0) / 2.0)
-            best, worst = rank < easy, rank >= h - easy
+            best, worst = rank < easy, rank >= layer_heads - easy
             k = torch.where(best, keep_count(1.0 - s_hi, m), torch.where(worst, keep_count(1.0 - s_lo, m), k_base))
             sparsity = torch.where(best, s_hi, torch.where(worst, s_lo, sparsity))
         mask = keep_first(order, k) | forced
@@ -166,7 +180,7 @@ class AdaSpa(Method):
     ) -> BlockPlan:
         """Score every block pair (with ``lse``, or each row's exact LSE when None), select, and cache the result."""
         mass, lse = block_mass(q, k, self.config.block_size, lse)
-        plan, recall, sparsity = self.select(mass, layout)
+        plan, recall, sparsity = self.select(mass, layout, ctx)
         ctx.cache[_CACHE_KEY] = SearchState(plan, lse, ctx.step, recall, sparsity)
         return plan
 

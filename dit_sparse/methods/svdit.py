@@ -39,7 +39,8 @@ component, each with the keys above but ``params``: ``{"transformers": {"transfo
 {...}}, "params": ...}``; a file without ``transformers`` (every version-1 file) is the section of ``transformer``.
 ``model`` (class and :func:`config_fingerprint`) and ``layout`` record what the search ran on; where present they
 are checked against the transformer (:meth:`Svdit.check_transformer`) and each call's layout, with a clear error on a
-mismatch.
+mismatch. Under Ulysses context parallelism a rank holds a slice of each layer's heads: it runs the modes
+``[head_offset : head_offset + H_local]`` of the file's ``H`` (``StepContext.head_offset``, ``layer_heads``).
 """
 
 from __future__ import annotations
@@ -365,8 +366,17 @@ class Svdit(Method):
                 f"{actual['fingerprint']}: run `dit-sparse search` on this model"
             )
 
-    def layer_modes(self, layer_index: int, heads: int, transformer: str = "transformer") -> list[str]:
-        """The modes of one layer's heads, checked against the call's head count."""
+    def layer_modes(
+        self,
+        layer_index: int,
+        heads: int,
+        transformer: str = "transformer",
+        head_offset: int = 0,
+        layer_heads: int | None = None,
+    ) -> list[str]:
+        """The modes of the call's ``heads`` heads, from ``head_offset`` on among the layer's ``layer_heads`` (default:
+        ``heads``; under Ulysses context parallelism the rank's slice, :class:`StepContext`), checked against the
+        file's head count."""
         if self.file is None:
             if not self._warned:
                 warnings.warn(
@@ -383,12 +393,13 @@ class Svdit(Method):
                 f"{self._where(transformer)} has no entry for self-attention layer {layer_index} "
                 f"(it covers layers {sorted(int(k) for k in layers)}): it was searched for another model"
             )
-        if len(modes) != heads:
+        total = heads if layer_heads is None else layer_heads
+        if len(modes) != total:
             raise SvditConfigError(
                 f"{self._where(transformer)} lists {len(modes)} heads for layer {layer_index}, the "
-                f"model has {heads}: it was searched for another model"
+                f"model has {total}: it was searched for another model"
             )
-        return list(modes)
+        return list(modes[head_offset : head_offset + heads])
 
     def check_layout(self, layout: TokenLayout, transformer: str = "transformer") -> None:
         """Refuse a call whose latent grid or text tokens differ from those the configuration was searched on."""
@@ -403,8 +414,8 @@ class Svdit(Method):
             )
 
     def static_key(self, layout: TokenLayout, heads: int, ctx: StepContext) -> tuple:
-        """Plans differ per layer: the layout, head count and layer (transformer, index)."""
-        return (*super().static_key(layout, heads, ctx), ctx.layer_key)
+        """Plans differ per layer and rank: the layout, head count, layer (transformer, index) and head offset."""
+        return (*super().static_key(layout, heads, ctx), ctx.layer_key, ctx.head_offset)
 
     def layer_plans(
         self, q: torch.Tensor, layout: TokenLayout, ctx: StepContext
@@ -415,7 +426,7 @@ class Svdit(Method):
         groups = self._groups.get(key)
         if groups is None:
             self.check_layout(layout, ctx.transformer)
-            modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer)
+            modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer, ctx.head_offset, ctx.layer_heads)
             groups = []
             for idx, group in group_heads(modes):
                 plan = build_group_plan(group, layout, self.config.block_size, device=q.device, **self.geometry)
@@ -427,7 +438,7 @@ class Svdit(Method):
         """The layer's plan when one launch covers every head (no multi-diagonal heads, or only those)."""
         heads = q.shape[1]
         self.check_layout(layout, ctx.transformer)
-        modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer)
+        modes = self.layer_modes(ctx.layer_index, heads, ctx.transformer, ctx.head_offset, ctx.layer_heads)
         if len({m == "multi_diagonal" for m in modes}) > 1:
             raise ValueError(
                 f"layer {ctx.layer_index} mixes multi-diagonal and other heads: two plans (see Svdit.layer_plans)"
