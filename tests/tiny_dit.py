@@ -306,3 +306,26 @@ def cosmos(batch: int = 2, video2world: bool = False, img_context: bool = False)
         inputs["condition_mask"] = cond.expand(batch, 1, 3, 10, 14).contiguous()
         inputs["timestep"] = cond * 1e-4 + (1 - cond) * 0.5
     return model, inputs
+
+
+def flux_image() -> tuple[nn.Module, dict[str, Any]]:
+    """A Diffusers transformer dit_sparse does not support: Flux's image transformer (no video token layout), 16
+    packed latent tokens joined with 5 text tokens; its attention modules name their default processor."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()  # fmt: skip
+    g = _gen(11)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
+        "pooled_projections": torch.randn(1, 32, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(5, 3),
+        "return_dict": False,
+    }
+    return model, inputs
