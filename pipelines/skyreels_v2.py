@@ -24,8 +24,9 @@ class SkyReelsV2Adapter(WanAdapter):
     timestep repeats and the tracker would take each iteration for the first step of a new generation (cache
     cleared, step counter stuck at 0). The timestep read here is the mean over frames (per sample), which falls at
     every iteration of the pipeline's step matrix: the step counter (and ``dense_steps``) counts the pipeline's
-    iterations, which in the asynchronous mode outnumber ``num_inference_steps``. ``StepContext.timestep`` is that
-    mean. A 1-D timestep is read as given.
+    iterations, which in the asynchronous mode outnumber ``num_inference_steps`` (a default warm-up, scaled from 50
+    steps to ``num_inference_steps``, then covers a smaller share of the generation: give ``dense_steps`` in
+    iterations). ``StepContext.timestep`` is that mean. A 1-D timestep is read as given.
 
     Pitfall: with ``num_frame_per_block > 1`` (the diffusion-forcing pipelines' ``causal_block_size``, set through
     ``transformer._set_ar_attention``) the forward gives every ``attn1`` a block-causal boolean ``(1, 1, N, N)``

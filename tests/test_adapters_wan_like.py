@@ -161,20 +161,29 @@ def test_skyreels_per_frame_timestep_is_read_without_sync():
     assert torch.equal(adapter.timestep(adapter.bind(model, (), flat)), flat["timestep"])
 
 
-def test_skyreels_diffusion_forcing_counts_one_step_per_iteration():
-    """Asynchronous diffusion forcing: frames not started yet stay at 999, so the largest timestep repeats over the
-    first iterations; each iteration must still be one step of one generation (the dense warm-up counts them)."""
-    model, inputs = skyreels_v2()
-    rows = _df_timesteps(steps=4, frames=3, ar_step=2)
-    assert len(rows) > 4 and float(rows[0].max()) == float(rows[1].max())  # the case the mean is for
-    with applied(model, "radial", decay=0.5, min_window=4, **{**POLICY, "dense_steps": 2}):
-        for row in rows:
-            step_inputs = {**inputs, "timestep": row.float().expand(2, -1)}
-            for name in ("cond", "uncond"):
-                with model.cache_context(name):
-                    run(model, step_inputs)
-        rep = dit_sparse.report(model)
+def test_skyreels_diffusion_forcing_pipeline_counts_one_step_per_iteration():
+    """Asynchronous diffusion forcing (``ar_step=2``): frames not started yet stay at 999, so the largest timestep
+    repeats over the first iterations; each iteration must still be one step of one generation (the dense warm-up
+    counts them)."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    model, _ = skyreels_v2()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=scheduler
+    )
+    rows = _df_timesteps(steps=4, frames=3, ar_step=2)  # what the pipeline below runs: 3 latent frames
+    assert len(rows) == 8 and float(rows[0].max()) == float(rows[1].max())  # the case the mean is for
+    g = torch.Generator().manual_seed(0)
+    with applied(pipe, "radial", decay=0.5, min_window=4, **{**POLICY, "dense_steps": 2}):
+        pipe(
+            prompt=None, prompt_embeds=torch.randn(1, 16, 32, generator=g),
+            negative_prompt_embeds=torch.randn(1, 16, 32, generator=g), height=80, width=112, num_frames=9,
+            num_inference_steps=4, guidance_scale=6.0, ar_step=2, output_type="latent", generator=g,
+        )  # fmt: skip
+        rep = dit_sparse.report(pipe)
     assert rep.generations == 1 and rep.steps == len(rows) and rep.cfg_passes == ["cond", "uncond"]
+    assert rep.num_steps == 4  # the schedule's steps; the iterations outnumber them
     assert rep.dense_calls == 2 * 2 * 2  # 2 warm-up iterations x 2 passes x 2 layers
     assert rep.sparse_calls == (len(rows) - 2) * 2 * 2
 
