@@ -222,15 +222,16 @@ def test_skyreels_causal_mask_reaches_sdpa_and_is_refused_not_dropped(monkeypatc
 
 def test_cosmos_text_mask_stays_with_the_native_cross_attention():
     model, inputs = cosmos()
-    ref = run(model, inputs)
+    with _MaskSpy() as spy:
+        ref = run(model, inputs)
+    assert spy.masks[0::2] == [None, None]  # the forward gives attn1 no mask
+    assert all(m.dtype == torch.bool and m.shape == (2, 1, 1, 12) for m in spy.masks[1::2])  # attn2's text mask
     unmasked = run(model, {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])})
     assert (ref - unmasked).abs().max() > 1e-4  # the padded text is masked in attn2
-    with applied(model, "radial", decay=0.5, min_window=4, **POLICY):
-        with _MaskSpy() as spy:
-            run(model, inputs)
+    with applied(model, "dense", **POLICY):
+        out = run(model, inputs)
         rep = dit_sparse.report(model)
-    assert rep.sparse_calls == 2
-    assert spy.masks[1] is not None and spy.masks[1].shape == (2, 1, 1, 12)  # attn2's, passed through
+    assert rep.sparse_calls == 2 and (out - ref).abs().max().item() <= 1e-5  # attn2 got its mask
 
 
 def test_cosmos_video2world_timestep_reads_the_noisy_frames():

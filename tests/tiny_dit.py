@@ -289,8 +289,8 @@ def cosmos(batch: int = 2, video2world: bool = False, img_context: bool = False)
         rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable", **image,
     ).eval()  # fmt: skip
     g = _gen(10)
-    text_mask = torch.ones(batch, 12)
-    text_mask[0, 9:] = 0
+    text_mask = torch.ones(batch, 12, dtype=torch.bool)  # SDPA reads a float mask as an additive bias
+    text_mask[0, 9:] = False
     text = torch.randn(batch, 12, 16, generator=g)
     inputs: dict[str, Any] = {
         "hidden_states": torch.randn(batch, 4, 3, 10, 14, generator=g),
