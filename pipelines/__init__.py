@@ -8,11 +8,14 @@ from dit_sparse.registry import Registry
 
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
+from .cosmos import CosmosAdapter
 from .declared import DeclaredAdapter, LayoutSpec
 from .hunyuan_video import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .mochi import MochiAdapter
+from .skyreels_v2 import SkyReelsV2Adapter
 from .wan import WanAdapter
+from .wan_vace import WanVACEAdapter
 
 ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", key=lambda adapter: adapter.model_class)
 """One adapter per supported Diffusers transformer class, by class name (a new family: one file, one line here)."""
@@ -22,6 +25,9 @@ ADAPTERS.register(CogVideoXAdapter())
 ADAPTERS.register(HunyuanVideoAdapter())
 ADAPTERS.register(LTXAdapter())
 ADAPTERS.register(MochiAdapter())
+ADAPTERS.register(WanVACEAdapter())
+ADAPTERS.register(SkyReelsV2Adapter())
+ADAPTERS.register(CosmosAdapter())
 
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
@@ -69,14 +75,17 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "CogVideoXAdapter",
+    "CosmosAdapter",
     "DeclaredAdapter",
     "HunyuanVideoAdapter",
     "LayoutSpec",
     "LTXAdapter",
     "MochiAdapter",
     "ModelAdapter",
+    "SkyReelsV2Adapter",
     "TRANSFORMER_ATTRS",
     "WanAdapter",
+    "WanVACEAdapter",
     "adapter_for",
     "find_adapter",
     "pipeline_transformers",

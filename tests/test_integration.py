@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from tiny_dit import BUILDERS, generate_latents, run, wan_pipeline
+from tiny_dit import BUILDERS, flux_image, generate_latents, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.layout import TokenLayout
@@ -167,24 +167,15 @@ def test_unknown_and_out_of_range_hyper_parameters(wan_pipe):
 
 
 def test_unsupported_transformer_lists_supported():
-    from diffusers import SkyReelsV2Transformer3DModel
-
-    model = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()  # fmt: skip
-    with pytest.raises(TypeError, match=r"does not support SkyReelsV2Transformer3DModel.*WanTransformer3DModel"):
+    model, inputs = flux_image()
+    with pytest.raises(TypeError, match=r"does not support FluxTransformer2DModel.*WanTransformer3DModel"):
         dit_sparse.apply(model, "dense")
     with pytest.raises(TypeError, match=r"neither a transformer nor a pipeline"):
         dit_sparse.apply(object(), "dense")
     # the Diffusers way on an unsupported model fails at the first call, naming the supported ones
     model.set_attn_processor(SparseProcessor("dense"))
     with pytest.raises(TypeError, match=r"supported transformers: CogVideoXTransformer3DModel"):
-        run(model, {
-            "hidden_states": torch.randn(1, 16, 2, 8, 8), "timestep": torch.tensor([500]),
-            "encoder_hidden_states": torch.randn(1, 16, 32), "return_dict": False,
-        })  # fmt: skip
+        run(model, inputs)
 
 
 def test_pinned_non_sdpa_backend_is_an_error(wan_pipe):

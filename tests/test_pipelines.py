@@ -141,8 +141,11 @@ def test_cogvideox_pipeline_batched_cfg():
 def test_supported_models_listed():
     assert supported_models() == [
         "CogVideoXTransformer3DModel",
+        "CosmosTransformer3DModel",
         "HunyuanVideoTransformer3DModel",
         "LTXVideoTransformer3DModel",
         "MochiTransformer3DModel",
+        "SkyReelsV2Transformer3DModel",
         "WanTransformer3DModel",
+        "WanVACETransformer3DModel",
     ]

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from tiny_dit import BUILDERS, applied, run, wan_pipeline
+from tiny_dit import BUILDERS, applied, flux_image, run, wan_pipeline
 
 import dit_sparse
 from dit_sparse.finder import FINDER
@@ -237,13 +237,7 @@ def test_processors_replaced_after_apply_are_an_error_and_the_diffusers_way_lets
 
 
 def test_remove_on_an_unsupported_model_restores_its_processors():
-    from diffusers import SkyReelsV2Transformer3DModel
-
-    model = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()  # fmt: skip
+    model, _ = flux_image()
     before = {k: type(v) for k, v in model.attn_processors.items()}
     model.set_attn_processor(SparseProcessor("dense"))
     dit_sparse.remove(model)

@@ -224,3 +224,108 @@ def wan_i2v(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
         "return_dict": False,
     }
     return model, inputs
+
+
+def wan_vace(batch: int = 2, control_frames: int = 3) -> tuple[nn.Module, dict[str, Any]]:
+    """Wan 2.1 VACE-shaped: 3 blocks, VACE blocks at layers 0 and 2, 48 control channels (the pipeline's 96 halved);
+    odd grid 3×5×7 = 105 video tokens; ``control_frames`` < 3 gives control latents the forward zero-pads."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=48,
+    ).eval()  # fmt: skip
+    g = _gen(8)
+    inputs = {
+        "hidden_states": torch.randn(batch, 16, 3, 10, 14, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "control_hidden_states": torch.randn(batch, 48, control_frames, 10, 14, generator=g),
+        "control_hidden_states_scale": torch.tensor([1.0, 0.5]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def skyreels_v2(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """SkyReels-V2 diffusion-forcing-shaped: a ``(B, F)`` timestep (one per latent frame, as the DF pipelines pass it
+    with ``enable_diffusion_forcing=True``); odd grid 3×5×7 = 105 video tokens. No ``inject_sample_info``: its fps
+    term only broadcasts at batch 1 in diffusion-forcing mode (Diffusers 0.42.1)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    model = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    g = _gen(9)
+    inputs = {
+        "hidden_states": torch.randn(batch, 16, 3, 10, 14, generator=g),
+        "timestep": torch.tensor([[800.0, 900.0, 999.0]] * batch),
+        "encoder_hidden_states": torch.randn(batch, 16, 32, generator=g),
+        "enable_diffusion_forcing": True,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def cosmos(batch: int = 2, video2world: bool = False, img_context: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Cosmos-shaped: patch (1, 2, 2), learnable extra position embedding, text by cross-attention with a padded text
+    mask; odd grid 3×5×7 = 105 video tokens. ``video2world``: Predict2 / 2.5-style, a ``condition_mask`` channel
+    (first frame conditioning) and a ``(B, 1, F, 1, 1)`` timestep. ``img_context``: Predict2.5-style image context
+    (``CosmosAttention`` cross-attention, text and 4 image tokens as a tuple, no text mask: its processor takes a
+    pair of masks that the forward never builds). ``concat_padding_mask=False``: resizing the padding mask needs
+    torchvision."""
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(0)
+    image = {"img_context_dim_in": 8, "img_context_num_tokens": 4, "img_context_dim_out": 24} if img_context else {}
+    model = CosmosTransformer3DModel(
+        in_channels=4 + video2world, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable", **image,
+    ).eval()  # fmt: skip
+    g = _gen(10)
+    text_mask = torch.ones(batch, 12, dtype=torch.bool)  # SDPA reads a float mask as an additive bias
+    text_mask[0, 9:] = False
+    text = torch.randn(batch, 12, 16, generator=g)
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.randn(batch, 4, 3, 10, 14, generator=g),
+        "timestep": torch.full((batch,), 0.5),
+        "encoder_hidden_states": (text, torch.randn(batch, 4, 8, generator=g)) if img_context else text,
+        "attention_mask": None if img_context else text_mask,
+        "fps": 30,
+        "return_dict": False,
+    }
+    if video2world:
+        cond = torch.zeros(batch, 1, 3, 1, 1)
+        cond[:, :, 0] = 1.0
+        inputs["condition_mask"] = cond.expand(batch, 1, 3, 10, 14).contiguous()
+        inputs["timestep"] = cond * 1e-4 + (1 - cond) * 0.5
+    return model, inputs
+
+
+def flux_image() -> tuple[nn.Module, dict[str, Any]]:
+    """A Diffusers transformer dit_sparse does not support: Flux's image transformer (no video token layout), 16
+    packed latent tokens joined with 5 text tokens; its attention modules name their default processor."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()  # fmt: skip
+    g = _gen(11)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 4, generator=g),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
+        "pooled_projections": torch.randn(1, 32, generator=g),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(5, 3),
+        "return_dict": False,
+    }
+    return model, inputs
