@@ -10,7 +10,10 @@ from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
 from .declared import DeclaredAdapter, LayoutSpec
 from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
+from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXAdapter
+from .ltx2 import LTX2Adapter
 from .mochi import MochiAdapter
 from .wan import WanAdapter
 
@@ -22,6 +25,9 @@ ADAPTERS.register(CogVideoXAdapter())
 ADAPTERS.register(HunyuanVideoAdapter())
 ADAPTERS.register(LTXAdapter())
 ADAPTERS.register(MochiAdapter())
+ADAPTERS.register(HunyuanVideo15Adapter())
+ADAPTERS.register(LTX2Adapter())
+ADAPTERS.register(Kandinsky5Adapter())
 
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
@@ -71,8 +77,11 @@ __all__ = [
     "CogVideoXAdapter",
     "DeclaredAdapter",
     "HunyuanVideoAdapter",
+    "HunyuanVideo15Adapter",
+    "Kandinsky5Adapter",
     "LayoutSpec",
     "LTXAdapter",
+    "LTX2Adapter",
     "MochiAdapter",
     "ModelAdapter",
     "TRANSFORMER_ATTRS",

@@ -141,7 +141,10 @@ def test_cogvideox_pipeline_batched_cfg():
 def test_supported_models_listed():
     assert supported_models() == [
         "CogVideoXTransformer3DModel",
+        "HunyuanVideo15Transformer3DModel",
         "HunyuanVideoTransformer3DModel",
+        "Kandinsky5Transformer3DModel",
+        "LTX2VideoTransformer3DModel",
         "LTXVideoTransformer3DModel",
         "MochiTransformer3DModel",
         "WanTransformer3DModel",
