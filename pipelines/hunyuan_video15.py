@@ -118,7 +118,7 @@ class _KeyRowOfPairMask(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func is not F.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
-        kwargs = {**dict(zip(_SDPA_PARAMS, args)), **(kwargs or {})}
+        kwargs = {**dict(zip(_SDPA_PARAMS, args, strict=False)), **(kwargs or {})}
         mask, n = kwargs.get("attn_mask"), kwargs["query"].shape[-2]
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape[1:] == (1, n, n):
             kwargs["attn_mask"] = mask[:, :, :1, :]

@@ -75,9 +75,7 @@ def test_dense_equals_native_and_remove_is_exact(family):
     assert all(torch.equal(o, r) for o, r in zip(_outputs(model, inputs), ref, strict=True))
 
 
-@pytest.mark.parametrize(
-    ("method", "params"), [("radial", RADIAL), ("draft", {"pool": (4, 4), "sparsity": 0.5})]
-)
+@pytest.mark.parametrize(("method", "params"), [("radial", RADIAL), ("draft", {"pool": (4, 4), "sparsity": 0.5})])
 def test_static_and_dynamic_methods_run_sparse(family, method, params):
     name, model, inputs, ref = family
     with applied(model, method, error_sample=1, **POLICY, **params):
