@@ -130,3 +130,51 @@ def test_kandinsky5_refuses_its_own_sparse_mode():
     model, inputs = kandinsky5()
     with applied(model, "dense", **POLICY), pytest.raises(ValueError, match="NABLA"):
         run(model, {**inputs, "sparse_params": {"to_fractal": True}})
+
+
+# the bench entries of these families (and Wan 2.2 TI2V-5B) at tiny sizes: make_inputs drives a forward
+TINY_BENCH = {
+    "wan2.2-ti2v-5b": (
+        dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+        (9, 96, 160),  # latent 3 x 6 x 10 (VAE 16x) -> 3 x 3 x 5 = 45 tokens
+        45,
+    ),
+    "hunyuanvideo1.5": (
+        dict(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(4, 6, 6),
+        ),
+        (9, 80, 112),  # latent 3 x 5 x 7 = 105 video tokens + 729 + 256 + 1000 condition tokens
+        105 + 729 + 256 + 1000,
+    ),
+    "ltx2": (
+        dict(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+            audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+            audio_cross_attention_dim=8, num_layers=2, caption_channels=16, rope_double_precision=False,
+        ),
+        (17, 96, 160),  # latent 3 x 3 x 5 = 45 video tokens, 18 audio tokens
+        45,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BENCH))
+def test_bench_inputs_drive_a_tiny_model(name):
+    import dataclasses
+
+    from dit_sparse import bench
+
+    overrides, shape, tokens = TINY_BENCH[name]
+    spec = bench.MODELS[name]
+    spec = dataclasses.replace(spec, config={**spec.config, **overrides}, subset={}, quick_subset={})
+    model = bench.build_model(spec, torch.device("cpu"), torch.float32)
+    inputs, n = spec.make_inputs(model, shape, torch.device("cpu"), torch.float32)
+    adapter = adapter_for(model)
+    assert n == tokens == adapter.layout(model, adapter.bind(model, (), inputs)).seq_len
+    ref = _outputs(model, inputs)
+    with applied(model, "dense", **POLICY):  # a self-attention call of another length would raise
+        out = _outputs(model, inputs)
+        rep = dit_sparse.report(model)
+    assert rep.calls == rep.sparse_calls == 2
+    assert all((o - r).abs().max().item() <= 1e-5 for o, r in zip(out, ref, strict=True))
