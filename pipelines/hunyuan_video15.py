@@ -3,6 +3,7 @@ processor's pairwise padding mask is handed on as a key-padding mask."""
 
 from __future__ import annotations
 
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dit_sparse.layout import TokenLayout
+from dit_sparse.state import SITE_ATTR
 
 from .base import ModelAdapter, grid_5d
 
@@ -56,8 +58,11 @@ class HunyuanVideo15Adapter(ModelAdapter):
         return TokenLayout(t, h, w, text_len=text, text_where="suffix", batch=x.shape[0])
 
     def native_processor(self, name: str, module: nn.Module) -> Any:
+        """The model's own processor; wrapped in a :class:`KeyMaskProcessor` for a self-attention module that
+        dit_sparse tracks (it routes that module's calls), plain otherwise (what ``remove`` gives back)."""
         native = super().native_processor(name, module)
-        return KeyMaskProcessor(native) if self.is_self_attention(name) else native
+        tracked = module.__dict__.get(SITE_ATTR) is not None
+        return KeyMaskProcessor(native) if tracked and self.is_self_attention(name) else native
 
     def install(self, model: nn.Module, processor: Any, tracker: Any) -> dict[str, Any]:
         originals = super().install(model, processor, tracker)
@@ -68,13 +73,17 @@ class HunyuanVideo15Adapter(ModelAdapter):
         return originals
 
     def release(self, model: nn.Module) -> None:
-        """Unwrap the natives of processors set the Diffusers way, so that ``remove`` gives the model's own back."""
+        """Bind the plain native processor to every SparseProcessor on a self-attention module, so that ``remove``
+        gives the model's own processors back (not the wrappers)."""
         from dit_sparse.processor import SparseProcessor
 
-        for _, module in self.self_attention_modules(model):
+        for name, module in self.self_attention_modules(model):
             proc = module.processor
-            if isinstance(proc, SparseProcessor) and isinstance(proc.native_of(module), KeyMaskProcessor):
-                proc.bind(module, proc.native_of(module).native)
+            if isinstance(proc, SparseProcessor):
+                native = proc.native_of(module)
+                if native is None:
+                    native = super().native_processor(name, module)
+                proc.bind(module, native.native if isinstance(native, KeyMaskProcessor) else native)
 
 
 class KeyMaskProcessor:
@@ -117,6 +126,10 @@ class _KeyRowOfPairMask(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func is not F.scaled_dot_product_attention:
+            if isinstance(func, FunctionType) and args and getattr(torch.Tensor, func.__name__, None) is func:
+                # a Tensor method written in Python (unflatten): Dynamo traces the method call, not its body under a
+                # mode (as in dit_sparse.processor's compiled router)
+                return getattr(args[0], func.__name__)(*args[1:], **(kwargs or {}))
             return func(*args, **(kwargs or {}))
         kwargs = {**dict(zip(_SDPA_PARAMS, args, strict=False)), **(kwargs or {})}
         mask, n = kwargs.get("attn_mask"), kwargs["query"].shape[-2]

@@ -104,6 +104,16 @@ def test_the_diffusers_way_binds_the_key_mask_processor():
     assert torch.equal(run(model, inputs), ref)
 
 
+def test_the_diffusers_way_removed_before_any_forward_gives_the_natives_back():
+    model, inputs = hunyuan_video15()
+    ref = run(model, inputs)
+    originals = {k: type(v) for k, v in _processors(model).items()}
+    model.set_attn_processor(SparseProcessor("dense"))
+    dit_sparse.remove(model)
+    assert {k: type(v) for k, v in _processors(model).items()} == originals
+    assert torch.equal(run(model, inputs), ref)
+
+
 def test_hunyuan_video15_padded_conditions_are_masked():
     model, inputs = hunyuan_video15()
     ref = run(model, inputs)
@@ -178,3 +188,23 @@ def test_bench_inputs_drive_a_tiny_model(name):
         rep = dit_sparse.report(model)
     assert rep.calls == rep.sparse_calls == 2
     assert all((o - r).abs().max().item() <= 1e-5 for o, r in zip(out, ref, strict=True))
+
+
+@pytest.mark.parametrize("name", ["hunyuan_video15_t2v", "ltx2", "kandinsky5"])
+def test_regional_compile_fullgraph_matches_eager(name):
+    """compile_repeated_blocks(fullgraph=True) with radial: the eager outputs, and a second forward compiles nothing
+    (HunyuanVideo 1.5: the key-mask processor's mode is traced too)."""
+    model, inputs = BUILDERS[name]()
+    model.requires_grad_(False)
+    with applied(model, "radial", **RADIAL, **POLICY):
+        eager = _outputs(model, inputs)
+    with applied(model, "radial", **RADIAL, **POLICY):
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+        first = _outputs(model, inputs)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = _outputs(model, inputs)
+        rep = dit_sparse.report(model)
+    assert rep.sparse_calls == rep.calls == 4 and 0 < rep.density < 1
+    for a, b, c in zip(eager, first, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
