@@ -136,6 +136,13 @@ def test_ltx2_needs_the_latent_sizes():
         run(model, {**inputs, "num_frames": None})
 
 
+def test_ltx2_video_self_attention_mask_is_refused_clearly():
+    model, inputs = ltx2()
+    mask = torch.ones(2, 3 * 5 * 7, 3 * 5 * 7)  # IC-LoRA's multiplicative mask, an additive float one in attn1
+    with applied(model, "dense", **POLICY), pytest.raises(NotImplementedError, match="attention mask of shape"):
+        run(model, {**inputs, "video_self_attention_mask": mask})
+
+
 def test_kandinsky5_refuses_its_own_sparse_mode():
     model, inputs = kandinsky5()
     with applied(model, "dense", **POLICY), pytest.raises(ValueError, match="NABLA"):
