@@ -59,14 +59,8 @@ def _generate_rank(args: argparse.Namespace) -> int | None:
     """``--gpus N``: the rank of a process torchrun started (its GPU becomes ``--device``); None otherwise."""
     if args.gpus == 1:
         return None
-    from dit_sparse.methods import get_method  # noqa: PLC0415
-    from dit_sparse.parallel import check_method, launched_rank  # noqa: PLC0415
+    from dit_sparse.parallel import launched_rank  # noqa: PLC0415
 
-    if args.method != "none":
-        try:
-            check_method(get_method(args.method, **args.params))
-        except NotImplementedError as exc:
-            raise CLIError(f"--gpus {args.gpus}: {exc}") from None
     if args.device not in (None, "cuda"):
         raise CLIError(f"--gpus {args.gpus} runs on cuda:0..{args.gpus - 1}: leave out --device {args.device}")
     rank = launched_rank()

@@ -26,13 +26,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from dit_sparse.methods.base import Method
 
 # dit_sparse.processor and dit_sparse.methods import this module: what it needs of them is imported where used
 
@@ -114,13 +111,6 @@ def check_context_parallel(transformer: nn.Module, config: Any) -> None:
                 f"dit_sparse under context parallelism needs the {CP_BACKEND!r} attention backend, the transformer "
                 f"uses {backend!r}: call transformer.set_attention_backend({CP_BACKEND!r}) first"
             )
-
-
-def check_method(method: Method) -> None:
-    """Nothing to refuse: every registered method runs under Ulysses context parallelism (the head-coupled ones,
-    ``adaspa`` and ``svdit`` with a search file, read their heads from the step context). ``dit-sparse generate
-    --gpus`` still calls it before launching; to be removed with that call."""
-    del method
 
 
 def enable_context_parallel(pipe_or_transformer: Any, ulysses_degree: int) -> Any:

@@ -11,7 +11,10 @@ from .cogvideox import CogVideoXAdapter
 from .cosmos import CosmosAdapter
 from .declared import DeclaredAdapter, LayoutSpec
 from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
+from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXAdapter
+from .ltx2 import LTX2Adapter
 from .mochi import MochiAdapter
 from .skyreels_v2 import SkyReelsV2Adapter
 from .wan import WanAdapter
@@ -28,6 +31,9 @@ ADAPTERS.register(MochiAdapter())
 ADAPTERS.register(WanVACEAdapter())
 ADAPTERS.register(SkyReelsV2Adapter())
 ADAPTERS.register(CosmosAdapter())
+ADAPTERS.register(HunyuanVideo15Adapter())
+ADAPTERS.register(LTX2Adapter())
+ADAPTERS.register(Kandinsky5Adapter())
 
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
@@ -78,8 +84,11 @@ __all__ = [
     "CosmosAdapter",
     "DeclaredAdapter",
     "HunyuanVideoAdapter",
+    "HunyuanVideo15Adapter",
+    "Kandinsky5Adapter",
     "LayoutSpec",
     "LTXAdapter",
+    "LTX2Adapter",
     "MochiAdapter",
     "ModelAdapter",
     "SkyReelsV2Adapter",

@@ -27,8 +27,19 @@ EXPECTED_TOKENS = {
     ("wan2.1-14b", "720p"): 75_600,
     ("cogvideox1.5-5b", "768x1360"): 226 + 11 * 48 * 85,
     ("hunyuanvideo", "720p"): 118_800 + 256,
+    ("wan2.2-ti2v-5b", "720p"): 31 * 22 * 40,
+    ("hunyuanvideo1.5", "480p"): 31 * 30 * 53 + 729 + 256 + 1000,
+    ("ltx2", "512x768"): 16 * 16 * 24,
 }
-PARAMS_B = {"wan2.1-1.3b": 1.42, "wan2.1-14b": 14.29, "cogvideox1.5-5b": 5.57, "hunyuanvideo": 12.82}
+PARAMS_B = {
+    "wan2.1-1.3b": 1.42,
+    "wan2.1-14b": 14.29,
+    "cogvideox1.5-5b": 5.57,
+    "hunyuanvideo": 12.82,
+    "wan2.2-ti2v-5b": 5.00,
+    "hunyuanvideo1.5": 8.33,
+    "ltx2": 18.88,
+}
 
 
 class _SelfAttentionLengths(TorchFunctionMode):

@@ -142,7 +142,10 @@ def test_supported_models_listed():
     assert supported_models() == [
         "CogVideoXTransformer3DModel",
         "CosmosTransformer3DModel",
+        "HunyuanVideo15Transformer3DModel",
         "HunyuanVideoTransformer3DModel",
+        "Kandinsky5Transformer3DModel",
+        "LTX2VideoTransformer3DModel",
         "LTXVideoTransformer3DModel",
         "MochiTransformer3DModel",
         "SkyReelsV2Transformer3DModel",

@@ -329,3 +329,93 @@ def flux_image() -> tuple[nn.Module, dict[str, Any]]:
         "return_dict": False,
     }
     return model, inputs
+
+
+# ---------------------------------------------------------------- HunyuanVideo 1.5, LTX-2, Kandinsky 5 (adapt2)
+
+
+def hunyuan_video15(batch: int = 2, image: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Odd grid 3×5×7 = 105 video tokens, then 5 image + 6 ByT5 + 12 Qwen condition tokens (suffix), padded
+    differently per sample; ``image=False`` is text-to-video (zero image embeds: the image tokens are padding)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(4, 6, 6),
+        task_type="i2v" if image else "t2v",
+    ).eval()  # fmt: skip
+    g = _gen(8)
+    mask = torch.ones(batch, 12, dtype=torch.long)
+    mask_2 = torch.zeros(batch, 6, dtype=torch.long)
+    mask[0, 9:], mask_2[0, :4] = 0, 1
+    if batch > 1:
+        mask[1, 5:], mask_2[1, :1] = 0, 1
+    inputs = {
+        "hidden_states": torch.randn(batch, 4, 3, 5, 7, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 12, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "encoder_hidden_states_2": torch.randn(batch, 6, 8, generator=g),
+        "encoder_attention_mask_2": mask_2,
+        "image_embeds": torch.randn(batch, 5, 12, generator=g) if image else torch.zeros(batch, 5, 12),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def ltx2(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Diffusers' LTX-2 test sizes (``convert_ltx2_to_diffusers.py`` "test"); packed video tokens of an odd 3×5×7
+    latent grid, 9 audio tokens, text by cross-attention."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=16, rope_double_precision=False,
+        cross_attn_timestep_scale_multiplier=1,
+    ).eval()  # fmt: skip
+    g = _gen(9)
+    inputs = {
+        "hidden_states": torch.randn(batch, 3 * 5 * 7, 4, generator=g),
+        "audio_hidden_states": torch.randn(batch, 9, 4, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g),
+        "audio_encoder_hidden_states": torch.randn(batch, 8, 16, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_attention_mask": torch.ones(batch, 8, dtype=torch.long),
+        "audio_encoder_attention_mask": torch.ones(batch, 8, dtype=torch.long),
+        "num_frames": 3,
+        "height": 5,
+        "width": 7,
+        "audio_num_frames": 9,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def kandinsky5(batch: int = 2) -> tuple[nn.Module, dict[str, Any]]:
+    """Latent (B, 3, 10, 14, 4), patch (1, 2, 2): odd grid 3×5×7 = 105 visual tokens, 8 text tokens by
+    cross-attention. The modulation layers (zero-initialised by the model) get random weights, so that every
+    attention output reaches the model output."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(0)
+    model = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6),
+    ).eval()  # fmt: skip
+    for name, p in model.named_parameters():
+        if "modulation" in name:
+            p.data.normal_(0.0, 0.2)
+    g = _gen(10)
+    inputs = {
+        "hidden_states": torch.randn(batch, 3, 10, 14, 4, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g),
+        "timestep": torch.full((batch,), 500.0),
+        "pooled_projections": torch.randn(batch, 8, generator=g),
+        "visual_rope_pos": [torch.arange(3), torch.arange(5), torch.arange(7)],
+        "text_rope_pos": torch.arange(8),
+        "return_dict": True,  # with False the forward returns the bare tensor, not a tuple
+    }
+    return model, inputs

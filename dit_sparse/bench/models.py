@@ -3,6 +3,7 @@ with random weights, and their inputs at the real shapes (made the way each fami
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,19 +56,32 @@ class ModelSpec:
 # ------------------------------------------------------------------------------------------------ inputs per family
 
 
-def _wan_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
-    """WanPipeline: latent (B, C, (F-1)/4+1, H/8, W/8), 512 text tokens (cross-attention only)."""
+def _wan_inputs(
+    model: Any,
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    spatial: int = 8,
+    expand_timesteps: bool = False,
+) -> tuple[dict[str, Any], int]:
+    """WanPipeline: latent (B, C, (F-1)/4+1, H/spatial, W/spatial), 512 text tokens (cross-attention only).
+
+    ``spatial``: the VAE's spatial factor (8; Wan 2.2 TI2V-5B's VAE: 16). ``expand_timesteps``: one timestep per
+    video token, ``(B, tokens)``, as the pipeline passes them for TI2V-5B (``WanPipeline(expand_timesteps=True)``).
+    """
     frames, height, width = shape
     cfg = model.config
-    lat = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    lat = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // spatial, width // spatial)
     pt, ph, pw = cfg.patch_size
+    tokens = (lat[2] // pt) * (lat[3] // ph) * (lat[4] // pw)
     inputs = {
         "hidden_states": torch.randn(lat, device=device, dtype=dtype),
-        "timestep": torch.tensor([999.0], device=device),
+        "timestep": torch.full((1, tokens) if expand_timesteps else (1,), 999.0, device=device),
         "encoder_hidden_states": torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype),
         "return_dict": False,
     }
-    return inputs, (lat[2] // pt) * (lat[3] // ph) * (lat[4] // pw)
+    return inputs, tokens
 
 
 def _cogvideox_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
@@ -125,6 +139,72 @@ def _hunyuan_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch
     p, pt = cfg.patch_size, cfg.patch_size_t
     video = (lat[2] // pt) * (lat[3] // p) * (lat[4] // p)
     return inputs, video + HUNYUAN_TEXT_TOKENS
+
+
+HUNYUAN15_TEXT_TOKENS = 1000  # HunyuanVideo15Pipeline tokenizer_max_length (Qwen2.5-VL, after the template crop)
+HUNYUAN15_GLYPH_TOKENS = 256  # tokenizer_2_max_length (ByT5 glyph text; all padding for a prompt without quotes)
+HUNYUAN15_IMAGE_TOKENS = 729  # vision_num_semantic_tokens (SigLIP; zeros, i.e. padding, for text-to-video)
+
+
+def _hunyuan15_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
+    """HunyuanVideo15Pipeline (text-to-video): latent (B, 65, (F-1)/4+1, H/16, W/16) (noise, condition latent, mask);
+    the conditions join the video as a suffix of 729 image + 256 ByT5 + 1000 Qwen tokens, of which the first
+    ``HUNYUAN_PROMPT_TOKENS`` Qwen tokens are valid and the rest masked as padding (zero image embeds, no glyph
+    text)."""
+    frames, height, width = shape
+    cfg = model.config
+    lat = (1, cfg.in_channels, (frames - 1) // 4 + 1, height // 16, width // 16)
+    mask = torch.zeros(1, HUNYUAN15_TEXT_TOKENS, device=device, dtype=torch.long)
+    mask[:, :HUNYUAN_PROMPT_TOKENS] = 1
+    inputs = {
+        "hidden_states": torch.randn(lat, device=device, dtype=dtype),
+        "timestep": torch.tensor([999.0], device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(1, HUNYUAN15_TEXT_TOKENS, cfg.text_embed_dim, device=device, dtype=dtype),
+        "encoder_attention_mask": mask,
+        "encoder_hidden_states_2": torch.randn(
+            1, HUNYUAN15_GLYPH_TOKENS, cfg.text_embed_2_dim, device=device, dtype=dtype
+        ),
+        "encoder_attention_mask_2": torch.zeros(1, HUNYUAN15_GLYPH_TOKENS, device=device, dtype=torch.long),
+        "image_embeds": torch.zeros(1, HUNYUAN15_IMAGE_TOKENS, cfg.image_embed_dim, device=device, dtype=dtype),
+        "return_dict": False,
+    }
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    video = (lat[2] // pt) * (lat[3] // p) * (lat[4] // p)
+    return inputs, video + HUNYUAN15_IMAGE_TOKENS + HUNYUAN15_GLYPH_TOKENS + HUNYUAN15_TEXT_TOKENS
+
+
+LTX2_TEXT_TOKENS = 1024  # LTX2Pipeline max_sequence_length (the text connectors keep the length)
+LTX2_FPS = 24.0  # LTX2Pipeline frame_rate
+
+
+def _ltx2_inputs(model: Any, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
+    """LTX2Pipeline: packed video tokens of the latent ((F-1)/8+1, H/32, W/32), audio latent frames
+    ``round(F / fps * 16000 / 160 / 4)`` packed with 8 channels x 16 mel bins, 1024 text tokens for each stream
+    (cross-attention only); the forward gets the latent sizes as ``num_frames/height/width``."""
+    frames, height, width = shape
+    cfg = model.config
+    latent = ((frames - 1) // 8 + 1, height // 32, width // 32)
+    audio_frames = round(frames / LTX2_FPS * 16000 / 160 / 4)
+    video = latent[0] * latent[1] * latent[2]
+    ones = torch.ones(1, LTX2_TEXT_TOKENS, device=device, dtype=torch.long)
+    inputs = {
+        "hidden_states": torch.randn(1, video, cfg.in_channels, device=device, dtype=dtype),
+        "audio_hidden_states": torch.randn(1, audio_frames, cfg.audio_in_channels, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(1, LTX2_TEXT_TOKENS, cfg.caption_channels, device=device, dtype=dtype),
+        "audio_encoder_hidden_states": torch.randn(
+            1, LTX2_TEXT_TOKENS, cfg.caption_channels, device=device, dtype=dtype
+        ),
+        "timestep": torch.tensor([999.0], device=device),
+        "encoder_attention_mask": ones,
+        "audio_encoder_attention_mask": ones,
+        "num_frames": latent[0],
+        "height": latent[1],
+        "width": latent[2],
+        "fps": LTX2_FPS,
+        "audio_num_frames": audio_frames,
+        "return_dict": False,
+    }
+    return inputs, video
 
 
 # ------------------------------------------------------------------------------------------------ published configs
@@ -202,6 +282,72 @@ HUNYUAN_VIDEO: dict[str, Any] = dict(
     image_condition_type=None,
 )
 
+WAN22_TI2V_5B: dict[str, Any] = dict(
+    _wan_config(24, 14336, 30),
+    in_channels=48,
+    out_channels=48,
+)
+
+HUNYUAN_VIDEO15_480P_T2V: dict[str, Any] = dict(
+    in_channels=65,
+    out_channels=32,
+    num_attention_heads=16,
+    attention_head_dim=128,
+    num_layers=54,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=1,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    text_embed_dim=3584,
+    text_embed_2_dim=1472,
+    image_embed_dim=1152,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+    use_meanflow=False,
+    target_size=640,
+    task_type="t2v",
+)
+
+LTX2: dict[str, Any] = dict(
+    in_channels=128,
+    out_channels=128,
+    patch_size=1,
+    patch_size_t=1,
+    num_attention_heads=32,
+    attention_head_dim=128,
+    cross_attention_dim=4096,
+    vae_scale_factors=(8, 32, 32),
+    pos_embed_max_pos=20,
+    base_height=2048,
+    base_width=2048,
+    audio_in_channels=128,
+    audio_out_channels=128,
+    audio_patch_size=1,
+    audio_patch_size_t=1,
+    audio_num_attention_heads=32,
+    audio_attention_head_dim=64,
+    audio_cross_attention_dim=2048,
+    audio_scale_factor=4,
+    audio_pos_embed_max_pos=20,
+    audio_sampling_rate=16000,
+    audio_hop_length=160,
+    num_layers=48,
+    activation_fn="gelu-approximate",
+    qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    caption_channels=3840,
+    attention_bias=True,
+    attention_out_bias=True,
+    rope_theta=10000.0,
+    rope_double_precision=True,
+    causal_offset=1,
+    timestep_scale_multiplier=1000,
+    cross_attn_timestep_scale_multiplier=1000,
+    rope_type="split",
+)
+
 MODELS: dict[str, ModelSpec] = {
     "wan2.1-1.3b": ModelSpec(
         "WanTransformer3DModel",
@@ -247,6 +393,45 @@ MODELS: dict[str, ModelSpec] = {
         quick_subset={"num_layers": 1, "num_single_layers": 2},
         source="HunyuanVideoTransformer3DModel defaults, which diffusers scripts/convert_hunyuan_video_to_diffusers.py "
         "loads the published checkpoint into (strict); hunyuanvideo-community/HunyuanVideo transformer/config.json",
+    ),
+    "wan2.2-ti2v-5b": ModelSpec(
+        "WanTransformer3DModel",
+        WAN22_TI2V_5B,
+        {"720p": (121, 704, 1280)},
+        functools.partial(_wan_inputs, spatial=16, expand_timesteps=True),
+        note="T2V at the pipeline's default 704x1280, 121 frames -> latent 31 x 44 x 80 (VAE 16x spatial) -> "
+        "31 x 22 x 40 = 27,280 video tokens; one timestep per token (expand_timesteps)",
+        quick_subset={"num_layers": 10},
+        source="diffusers scripts/convert_wan_to_diffusers.py (model_type 'Wan2.2-TI2V-5B' diffusers_config; "
+        "rope_max_seq_len: WanTransformer3DModel default); Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    ),
+    "hunyuanvideo1.5": ModelSpec(
+        "HunyuanVideo15Transformer3DModel",
+        HUNYUAN_VIDEO15_480P_T2V,
+        {"480p": (121, 480, 848)},
+        _hunyuan15_inputs,
+        layers_attr="transformer_blocks",
+        note="480p T2V at the pipeline's default (121 frames, 480x848 from target_size 640 at 16:9) -> "
+        "31 x 30 x 53 = 49,290 video tokens + 1,985 condition tokens (suffix: 729 image + 256 ByT5 + 1000 Qwen, "
+        f"{HUNYUAN_PROMPT_TOKENS} valid, rest masked as padding); all 54 blocks are identical dual-stream blocks",
+        subset={"num_layers": 12},
+        quick_subset={"num_layers": 4},
+        source="diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py TRANSFORMER_CONFIGS['480p_t2v'] "
+        "(= HunyuanVideo15Transformer3DModel defaults but task_type); "
+        "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+    ),
+    "ltx2": ModelSpec(
+        "LTX2VideoTransformer3DModel",
+        LTX2,
+        {"512x768": (121, 512, 768)},
+        _ltx2_inputs,
+        layers_attr="transformer_blocks",
+        note="LTX-2 19B audio+video at the pipeline's default 512x768, 121 frames -> 16 x 16 x 24 = 6,144 video "
+        "tokens (the sparse self-attention) + 126 audio tokens (native); at this length attention is a small share",
+        subset={"num_layers": 16},
+        quick_subset={"num_layers": 4},
+        source="diffusers scripts/convert_ltx2_to_diffusers.py get_ltx2_transformer_config('2.0'); other values: "
+        "LTX2VideoTransformer3DModel defaults; Lightricks/LTX-2",
     ),
 }
 
