@@ -80,7 +80,12 @@ def _found(registry: weakref.WeakValueDictionary, key: int, what: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- attention
-@torch.library.custom_op("dit_sparse::attend", mutates_args=())
+_EAGER = (torch.Tag.cudagraph_unsafe,)
+"""The ops' Python must run at every call (routing, per-step state): under ``mode="reduce-overhead"`` inductor's graph
+partitioning (``torch._inductor.config.graph_partition``) CUDA-graphs the code between them and runs them eagerly."""
+
+
+@torch.library.custom_op("dit_sparse::attend", mutates_args=(), tags=_EAGER)
 def _attend_op(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -125,7 +130,7 @@ def attend(site: Any, args: tuple, kwargs: dict[str, Any], token: torch.Tensor |
 
 
 # ----------------------------------------------------------------------------------------------- forwards
-@torch.library.custom_op("dit_sparse::begin_forward", mutates_args=())
+@torch.library.custom_op("dit_sparse::begin_forward", mutates_args=(), tags=_EAGER)
 def _begin_op(tensors: list[torch.Tensor], tracker: int, spec: int, device: torch.device) -> torch.Tensor:
     found = _found(_TRACKERS, tracker, "transformer")
     args, kwargs = _rebuild(_SPEC_OF[spec], tensors)
@@ -138,7 +143,7 @@ def _(tensors, tracker, spec, device):
     return torch.empty(0, device=device)
 
 
-@torch.library.custom_op("dit_sparse::end_forward", mutates_args=())
+@torch.library.custom_op("dit_sparse::end_forward", mutates_args=(), tags=_EAGER)
 def _end_op(output: torch.Tensor, tracker: int) -> torch.Tensor:
     _found(_TRACKERS, tracker, "transformer").end()
     return torch.empty(0, device=output.device)
