@@ -328,7 +328,14 @@ class SparseProcessor:
             return None
         b, n = q.shape[0], q.shape[-2]
         if (
-            adapter.key_padding_mask
+            adapter.pairwise_padding_mask
+            and mask.dtype == torch.bool
+            and mask.dim() == 4
+            and mask.shape[1:] == (1, n, n)
+        ):
+            mask = mask[:, :, :1, :]  # its first row: a video query's, always valid, is the key-padding mask
+        if (
+            (adapter.key_padding_mask or adapter.pairwise_padding_mask)
             and mask.dtype == torch.bool
             and mask.dim() == 4
             and mask.shape[1:] == (1, 1, n)

@@ -32,6 +32,9 @@ class ModelAdapter:
         text_where: where text tokens sit in the self-attention sequence.
         trims_text: the processor drops padded text per sample (Mochi): a call may hold fewer text tokens.
         key_padding_mask: the processor passes a ``(B, 1, 1, N)`` bool key-padding mask (HunyuanVideo).
+        pairwise_padding_mask: the processor passes a pairwise ``(B, 1, N, N)`` bool mask ``valid_q & valid_k`` whose
+            first row (a video query, always valid) is the key-padding mask (HunyuanVideo 1.5); sparse calls use that
+            row, so padded condition queries attend the valid keys instead of nothing (only those rows change).
         layout_help: what the error says when a self-attention call does not match the forward's layout.
     """
 
@@ -42,6 +45,7 @@ class ModelAdapter:
     text_where: ClassVar[TextWhere] = "none"
     trims_text: ClassVar[bool] = False
     key_padding_mask: ClassVar[bool] = False
+    pairwise_padding_mask: ClassVar[bool] = False
     layout_help: ClassVar[str] = "this model variant (or context-parallel ring attention) is not supported"
 
     def __init__(self) -> None:
