@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ref = generate(pipe, prompt, 0, settings, progress=False).video
         for config in todo:
-            row: dict[str, Any] = {"config": config, "prompt": prompt, "seed": 0, "device": device}
+            row: dict[str, Any] = {"label": config, "config": config, "prompt": prompt, "seed": 0, "device": device}
             try:
                 with configured(pipe, config) as (method, params):
                     row["setting"] = f"{method}:{params}" if method else None

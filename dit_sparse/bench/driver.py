@@ -133,8 +133,8 @@ def run(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if out is not None:
-        write_results(rows, Path(out), command)
+        if out is not None:  # after every model: a run cut off keeps what it finished
+            write_results(rows, Path(out), command)
     return rows
 
 
