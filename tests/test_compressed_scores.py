@@ -53,6 +53,7 @@ def _brute(q: torch.Tensor, k_mean: torch.Tensor, block: int, perm: torch.Tensor
         (150, 16, 64, torch.float16),  # M = 3: one key tile, most of it masked
         (200, 16, 24, torch.float32),  # block not a power of two: masked rows inside every query tile
         (330, 16, 160, torch.float32),  # block above 128 tokens: two query sub-tiles per block, summed
+        (90, 24, 32, torch.bfloat16),  # head dim not a power of two: padded with zeros to 32
     ],
 )
 def test_triton_matches_reference_and_rows_sum_to_one(n, d, block, dtype, monkeypatch):
@@ -114,8 +115,8 @@ def test_auto_is_the_reference_off_cuda_and_bad_inputs_are_clear_errors(monkeypa
         compressed_scores(q, k_mean[:, :1], 16, perm, counts)
     if importlib.util.find_spec("triton") is not None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        with pytest.raises(ValueError, match="supports head dims"):
-            compressed_scores(q, k_mean, 16, perm, counts, backend="triton")  # D = 24
+        with pytest.raises(ValueError, match="supports head dims up to 256"):
+            compressed_scores(q.repeat(1, 1, 1, 20), k_mean.repeat(1, 1, 1, 20), 16, perm, counts, backend="triton")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="triton"):  # CPU tensors without the interpreter (or no triton)
         compressed_scores(q, k_mean, 16, perm, counts, backend="triton")

@@ -26,7 +26,7 @@ from dit_sparse.kernels.api import check_backend
 
 _SCORE_BYTES = 256 << 20  # reference: float32 probabilities computed at once (bounds the temporaries)
 _LOG2E = 1.4426950408889634
-_HEAD_DIMS = (16, 32, 64, 128, 256)
+_MAX_HEAD_DIM = 256  # triton: larger head dims would spill the query tile out of registers
 
 
 def compressed_scores(
@@ -142,28 +142,31 @@ def triton_compressed_scores(
     q: torch.Tensor, k_mean: torch.Tensor, block: int, perm: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
     """:func:`compressed_scores` with the fused Triton kernel (the ``triton`` backend), one launch (two for query
-    blocks above 128 tokens: the kernel, then the sum of the sub-tile rows); head dims 16, 32, 64, 128, 256."""
+    blocks above 128 tokens: the kernel, then the sum of the sub-tile rows); head dims up to 256 (padded with zeros to
+    a power of two of at least 16: one copy of q when D is not one)."""
     b, h, n, d = q.shape
-    if d not in _HEAD_DIMS:
-        raise ValueError(
-            f"compressed_scores backend='triton' supports head dims {_HEAD_DIMS} (got {d}); use 'reference'"
-        )
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"compressed_scores backend='triton' supports head dims up to {_MAX_HEAD_DIM} (got {d})")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     m = counts.numel()
+    head_d = max(16, triton.next_power_of_2(d))
+    km = k_mean.to(q.dtype)  # [B, H, M, D], small: the dot runs in the inputs' dtype
+    if head_d != d:  # zero columns leave every dot product unchanged (the scale stays 1 / sqrt(d))
+        q, km = (torch.nn.functional.pad(t, (0, head_d - d)) for t in (q, km))
     q = q if q.stride(-1) == 1 else q.contiguous()
+    km = km.contiguous()
     interpret = q.device.type == "cpu"
     upcast = interpret and q.dtype == torch.bfloat16  # the interpreter multiplies bf16 tiles as raw integers
-    km = k_mean.to(q.dtype).contiguous()  # [B, H, M, D], small: the dot runs in the inputs' dtype
     tile_m = min(max(16, triton.next_power_of_2(block)), 128)
-    tile_n = 64 if d > 64 else 128
+    tile_n = 64 if head_d > 64 else 128
     q_sub = -(-block // tile_m)
     out = torch.empty(b, h, m * q_sub, m, dtype=torch.float32, device=q.device)
     _compressed_scores_fwd[(m * q_sub, h, b)](
         q, perm.contiguous(), km, counts.float().contiguous(), out, q.stride(0), q.stride(1), q.stride(2),
         km.stride(0), km.stride(1), km.stride(2), n, block, m, d**-0.5 * _LOG2E,
-        TILE_M=tile_m, TILE_N=tile_n, HEAD_D=d, Q_SUB=q_sub, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
-        num_warps=4, num_stages=2,
+        TILE_M=tile_m, TILE_N=tile_n, HEAD_D=head_d, Q_SUB=q_sub, IEEE=q.dtype == torch.float32 or upcast,
+        UPCAST=upcast, num_warps=4, num_stages=2,
     )  # fmt: skip
     return out if q_sub == 1 else out.view(b, h, m, q_sub, m).sum(3)
 

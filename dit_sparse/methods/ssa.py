@@ -136,9 +136,9 @@ class Ssa(Method):
             q, block_means(k, cfg.block_size, geo.perm, geo.counts), cfg.block_size, geo.perm, geo.counts
         )
         top = min(cfg.topk, m)
-        chosen = torch.zeros(b, h, m, m, dtype=torch.bool, device=q.device)
-        chosen.scatter_(-1, scores.topk(top, dim=-1).indices, True)
-        mask = chosen.logical_or_(geo.fixed)  # in place: one [B, H, M, M] mask, no second one
+        # the fixed blocks plus the top-k in one [B, H, M, M] mask (no separate selection mask to OR in)
+        mask = geo.fixed.expand(b, h, m, m).clone(memory_format=torch.contiguous_format)
+        mask.scatter_(-1, scores.topk(top, dim=-1, sorted=False).indices, True)
         hint = min(1.0, geo.fixed_density + top / m)
         return BlockPlan.from_block_mask(
             mask, n, cfg.block_size, perm=geo.perm, inv_perm=geo.inv_perm, density_hint=hint
