@@ -27,8 +27,11 @@ surface); the window is a ±4-cell neighbourhood of the query block (the extent 
 a shifted partition); top-k is per query block (the official kernel selects per query token) and per head (no
 grouped key/value heads in our calls); the score uses the ``1/√D`` scale (methods are not handed the call's scale).
 
-Cost per call beyond the sparse attention: one gather of q and k, the ``N × M`` compressed scores (in head chunks of
-bounded memory) and one ``topk`` per query block; no device->host sync (the plan carries a ``density_hint``).
+Cost per call beyond the sparse attention: one gather of k (the block means), the compressed scores and one ``topk``
+per query block; no device->host sync (the plan carries a ``density_hint``). The scores
+(:mod:`dit_sparse.kernels.compressed_scores`) are one fused Triton launch on CUDA: the ``N × M`` probabilities are
+reduced per query block in registers and only the ``[B, H, M, M]`` scores reach memory (the torch reference on
+other devices computes them in head chunks of bounded memory).
 """
 
 from __future__ import annotations
@@ -38,14 +41,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dit_sparse.kernels.compressed_scores import compressed_scores
 from dit_sparse.layout import Layout
 from dit_sparse.methods.base import Method, MethodConfig, register
 from dit_sparse.methods.selection import forced_blocks, text_blocks
 from dit_sparse.methods.window import window_block_mask
 from dit_sparse.plan import BlockPlan, num_blocks
 from dit_sparse.state import StepContext
-
-_SCORE_BYTES = 256 << 20  # float32 compressed scores computed at once (bounds the temporaries)
 
 
 @dataclass(frozen=True)
@@ -96,24 +98,6 @@ def block_means(x: torch.Tensor, block: int, perm: torch.Tensor, counts: torch.T
     return padded.view(b, h, m, block, d).sum(3, dtype=torch.float32) / counts[:, None]
 
 
-def compressed_scores(q: torch.Tensor, k_mean: torch.Tensor, block: int, perm: torch.Tensor, counts: torch.Tensor):
-    """Float32 ``[B, H, M, M]``: for each query block, the mean over its queries of ``softmax(q k̄ᵀ / √D)``."""
-    b, h, n, d = q.shape
-    m = counts.numel()
-    qp = q.index_select(2, perm)
-    per_head = b * n * m * 4
-    chunk = max(1, _SCORE_BYTES // max(per_head, 1))
-    out = []
-    for h0 in range(0, h, chunk):  # head chunks (a constant count per shape, not a loop over blocks or tokens)
-        probs = torch.softmax(
-            (qp[:, h0 : h0 + chunk].float() @ k_mean[:, h0 : h0 + chunk].transpose(-1, -2)) * d**-0.5, -1
-        )
-        padded = probs.new_zeros(b, probs.shape[1], m * block, m)
-        padded[:, :, :n] = probs
-        out.append(padded.view(b, -1, m, block, m).sum(3) / counts[:, None])
-    return torch.cat(out, dim=1)
-
-
 @register
 class Ssa(Method):
     """Dynamic spatial sparse attention: compressed-score top-k blocks plus the 3D window (see the module docstring)."""
@@ -152,9 +136,9 @@ class Ssa(Method):
             q, block_means(k, cfg.block_size, geo.perm, geo.counts), cfg.block_size, geo.perm, geo.counts
         )
         top = min(cfg.topk, m)
-        chosen = torch.zeros(b, h, m, m, dtype=torch.bool, device=q.device)
-        chosen.scatter_(-1, scores.topk(top, dim=-1).indices, True)
-        mask = chosen | geo.fixed
+        # the fixed blocks plus the top-k in one [B, H, M, M] mask (no separate selection mask to OR in)
+        mask = geo.fixed.expand(b, h, m, m).clone(memory_format=torch.contiguous_format)
+        mask.scatter_(-1, scores.topk(top, dim=-1, sorted=False).indices, True)
         hint = min(1.0, geo.fixed_density + top / m)
         return BlockPlan.from_block_mask(
             mask, n, cfg.block_size, perm=geo.perm, inv_perm=geo.inv_perm, density_hint=hint
