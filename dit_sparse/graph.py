@@ -18,8 +18,9 @@ uncompiled forward, at run time, every call:
 Consequences: ``torch.compile(transformer, fullgraph=True)`` and ``compile_repeated_blocks(fullgraph=True)`` trace
 without breaks for every method; the step, the dense/sparse switch and a method's per-step state never recompile
 (they are not seen by Dynamo). CUDA graphs (``mode="reduce-overhead"``) replay kernels without running Python, so
-they cannot serve per-step routing: the CPU key inputs make Inductor skip CUDA graphs for these graphs (it says so
-in its log) rather than replay a frozen step. Training under compile keeps the eager graph break (the ops have no
+a captured op would freeze one step's routing: the ops are tagged ``cudagraph_unsafe``, and with Inductor's graph
+partitioning (``torch._inductor.config.graph_partition = True``) the code between them is captured and replayed while
+they run eagerly at every call, for every method, dynamic ones included (``benchmarks/cudagraphs.py``). Training under compile keeps the eager graph break (the ops have no
 autograd formula): :func:`traceable` says when the op path is taken.
 """
 
