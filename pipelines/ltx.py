@@ -24,14 +24,17 @@ class LTXAdapter(ModelAdapter):
         x = inputs["hidden_states"]
         missing = [k for k in ("num_frames", "height", "width") if inputs.get(k) is None]
         if missing:
-            raise ValueError(f"LTXVideoTransformer3DModel.forward needs {', '.join(missing)} for dit_sparse's layout")
+            raise ValueError(
+                f"{self.model_class}.forward needs {', '.join(missing)} (latent sizes, as its pipeline passes them) "
+                "for dit_sparse's layout"
+            )
         p, pt = model.config.patch_size, model.config.patch_size_t
         layout = TokenLayout(
             int(inputs["num_frames"]) // pt, int(inputs["height"]) // p, int(inputs["width"]) // p, batch=x.shape[0]
         )
         if layout.video_len != x.shape[1]:
             raise ValueError(
-                f"LTX grid {layout.grid} from num_frames/height/width holds {layout.video_len} tokens but "
+                f"{self.family} grid {layout.grid} from num_frames/height/width holds {layout.video_len} tokens but "
                 f"hidden_states has {x.shape[1]}"
             )
         return layout

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-
-from dit_sparse.layout import TokenLayout
-
-from .base import ModelAdapter
+from .ltx import LTXAdapter
 
 
-class LTX2Adapter(ModelAdapter):
+class LTX2Adapter(LTXAdapter):
     """Video tokens arrive packed ``(B, N, C)``, frame-major as ``LTX2Pipeline._pack_latents`` packs them; the
     forward's ``num_frames / height / width`` (latent sizes, which the pipeline always passes) give the grid, divided
     by ``patch_size_t`` / ``patch_size`` (1 in every released config), as for LTX-Video.
@@ -29,24 +23,3 @@ class LTX2Adapter(ModelAdapter):
 
     model_class = "LTX2VideoTransformer3DModel"
     family = "LTX-2"
-    self_attention = r"transformer_blocks\.\d+\.attn1"
-    text_where = "none"
-
-    def layout(self, model: nn.Module, inputs: dict[str, Any]) -> TokenLayout:
-        x = inputs["hidden_states"]
-        missing = [k for k in ("num_frames", "height", "width") if inputs.get(k) is None]
-        if missing:
-            raise ValueError(
-                f"LTX2VideoTransformer3DModel.forward needs {', '.join(missing)} (latent sizes, as LTX2Pipeline passes "
-                "them) for dit_sparse's layout"
-            )
-        p, pt = model.config.patch_size, model.config.patch_size_t
-        layout = TokenLayout(
-            int(inputs["num_frames"]) // pt, int(inputs["height"]) // p, int(inputs["width"]) // p, batch=x.shape[0]
-        )
-        if layout.video_len != x.shape[1]:
-            raise ValueError(
-                f"LTX-2 grid {layout.grid} from num_frames/height/width holds {layout.video_len} tokens but "
-                f"hidden_states has {x.shape[1]}"
-            )
-        return layout
