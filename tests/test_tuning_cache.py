@@ -281,3 +281,15 @@ def test_the_package_ships_a_well_formed_h200_table():
     entries = kernels["triton block-sparse attention"]
     assert len(entries) >= 70
     assert all(len(tc.key_from_json(k)) == len(TuneKey._fields) for k in entries)
+
+
+def test_wheels_carry_the_shipped_tables():
+    """pyproject packages dit_sparse/kernels/tuned and its package-data globs match every table there."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "dit_sparse.kernels.tuned" in cfg["packages"]
+    packaged = {p for g in cfg["package-data"]["dit_sparse.kernels.tuned"] for p in tc.TABLES_FOLDER.glob(g)}
+    assert packaged == set(tc.TABLES_FOLDER.glob("*.json")) and packaged
