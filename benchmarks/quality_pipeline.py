@@ -4,11 +4,13 @@ check, over 50 seeded prompts, each a mean with a 95% interval (GPU or CPU).
 Same configuration names as ``dit-sparse bench --pipeline`` (``benchmarks/pipeline.py``), so that
 ``benchmarks/pareto.py`` can join the two. The embedded model has 4,096 video tokens (16 x 16 x 16): at the methods'
 default 128-token blocks that is 32 blocks a row and densities of 0.48-0.81, far denser than the 0.07-0.35 they
-reach on the full-size models at 720p. Each method therefore runs at a matched-density setting (``MATCHED``: 32- or
-64-token blocks, the 10-step schedule's warm-up and cycles; every row records its measured density, and the output
-says which setting ran). ``compile`` computes what its eager configuration computes: it has no quality row of its
+reach on the full-size models at 720p. Each method therefore runs at a matched-density setting (``MATCHED``: 32-token
+blocks, the 10-step schedule's warm-up and cycles; every row records its measured sparse-call and all-call densities,
+and the output says which setting ran). ``compile`` computes what its eager configuration computes: it has no quality row of its
 own. ``sage`` needs CUDA (its row says so on the CPU). The pieces are the eval's own: ``dit_sparse.eval``
 generation (the pipeline call, ``dit_sparse.apply``), metrics (PSNR, SSIM, caption check) and rows file.
+A configuration with ``precision=fp8`` is also compared with its bf16 twin (the same configuration without it) on the
+same prompt: PSNR / SSIM against that video (``psnr_vs_bf16``), the twin generated when it is not in the run.
 
     python benchmarks/quality_pipeline.py --out benchmarks/results/quality-pipeline-X [--configs dense radial fbc]
 
@@ -35,13 +37,17 @@ from dit_sparse.eval.settings import load_pipeline, resolve_settings
 from dit_sparse.eval.store import append_row, jsonable, load_rows
 from dit_sparse.files import atomic_write_json, atomic_write_text, environment
 
-# matched-density settings on the embedded model (16 x 16 x 16 tokens, 10 steps, no CFG)
+# matched-density settings on the embedded model (16 x 16 x 16 tokens, 10 steps, no CFG); the sparse-call densities
+# they reach there (CPU probe, one prompt) against those at Wan2.1-1.3B 720p (e2e-2026-11-23-720p-dynamic.md):
+# window 0.11 (0.075), draft 0.25 (0.28), adaspa 0.30 (0.20), rettention 0.31 (0.24). Radial's density is set by the
+# frame count (its window halves with each doubling of the temporal distance): at 16 latent frames its sparsest
+# setting is 0.50 (block 32, min_window 32), against 0.29 at 720p's 21 frames of 3,600 tokens.
 MATCHED: dict[str, dict[str, Any]] = {
     "window": {"block_size": 32, "tile": (1, 4, 8), "window": (1, 1, 1)},
-    "radial": {"block_size": 64, "min_window": 64},
+    "radial": {"block_size": 32, "min_window": 32},
     "draft": {"block_size": 32, "pool": (4, 8)},
     "adaspa": {"block_size": 32, "search_interval": 4},
-    "rettention": {"block_size": 32, "refresh_interval": 2},
+    "rettention": {"block_size": 32},
 }
 CONFIGS = ["dense", "window", "radial", "draft", "adaspa", "rettention", "sage", "fbc", "taylorseer", "radial+fbc",
            "radial+taylorseer"]  # fmt: skip
@@ -88,6 +94,26 @@ def configured(pipe: Any, config: str):  # noqa: ANN201
             pipe.transformer.disable_cache()
 
 
+def bf16_twin(config: str) -> str | None:
+    """The configuration ``config`` is an fp8 variant of (``radial:precision=fp8`` → ``radial``), or None."""
+    parts = config.split("+")
+    for i, part in enumerate(parts):
+        name, _, params = part.partition(":")
+        kept = [kv for kv in params.split(",") if kv and kv.replace(" ", "") != "precision=fp8"]
+        if params and len(kept) < len(params.split(",")):
+            parts[i] = name + (":" + ",".join(kept) if kept else "")
+            return "+".join(parts)
+    return None
+
+
+def run(pipe: Any, config: str, prompt: str, settings: Any, videos: dict[str, torch.Tensor]) -> tuple[Any, str | None]:
+    """One generation of ``config`` (kept in ``videos``) and its setting's description."""
+    with configured(pipe, config) as (method, params):
+        g = generate(pipe, prompt, 0, settings, method=method, params=params, progress=False)
+    videos[config] = g.video
+    return g, (f"{method}:{params}" if method else None)
+
+
 def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any]]:
     out = []
     for config in configs:
@@ -105,6 +131,9 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
             "caption": interval([float(r["caption_ok"]) for r in ok if r.get("caption_ok") is not None]),
             "captions_passed": sum(bool(r.get("caption_ok")) for r in ok),
             "density": interval([r["density"] for r in ok if r.get("density") is not None]),
+            "effective_density": interval([r["effective_density"] for r in ok if r.get("effective_density") is not None]),
+            "psnr_vs_bf16": interval([r["psnr_vs_bf16"] for r in ok if r.get("psnr_vs_bf16") is not None]),
+            "ssim_vs_bf16": interval([r["ssim_vs_bf16"] for r in ok if r.get("ssim_vs_bf16") is not None]),
             "error": errors[0] if errors else None,
         })  # fmt: skip
     return out
@@ -118,14 +147,18 @@ def _ci(s: dict[str, Any], spec: str) -> str:
 
 def format_summary(summary: list[dict[str, Any]], n: int) -> str:
     lines = [
-        f"| config | setting on the embedded model | density | PSNR dB | SSIM | captions passed of {n} | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        f"| config | setting on the embedded model | sparse-call density | all-call density | PSNR dB | SSIM | "
+        f"captions passed of {n} | "
+        "PSNR vs bf16 twin | SSIM vs bf16 twin | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summary:
         note = f"FAILED: {s['error']}" if s["error"] else ""
         lines.append(
-            f"| {s['config']} | {s['setting'] or ''} | {_ci(s['density'], '.3f')} | {_ci(s['psnr'], '.2f')} | "
-            f"{_ci(s['ssim'], '.4f')} | {s['captions_passed']} | {note} |"
+            f"| {s['config']} | {s['setting'] or ''} | {_ci(s['density'], '.3f')} | "
+            f"{_ci(s['effective_density'], '.3f')} | {_ci(s['psnr'], '.2f')} | "
+            f"{_ci(s['ssim'], '.4f')} | {s['captions_passed']} | {_ci(s['psnr_vs_bf16'], '.2f')} | "
+            f"{_ci(s['ssim_vs_bf16'], '.4f')} | {note} |"
         )
     return "\n".join(lines)
 
@@ -158,15 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         if not todo:
             continue
         ref = generate(pipe, prompt, 0, settings, progress=False).video
+        videos: dict[str, torch.Tensor] = {"dense": ref}
         for config in todo:
             row: dict[str, Any] = {"label": config, "config": config, "prompt": prompt, "seed": 0, "device": device}
             try:
-                with configured(pipe, config) as (method, params):
-                    row["setting"] = f"{method}:{params}" if method else None
-                    g = generate(pipe, prompt, 0, settings, method=method, params=params, progress=False)
+                g, row["setting"] = run(pipe, config, prompt, settings, videos)
                 video = g.video
+                rep = g.report or {}
                 row.update(psnr=psnr(ref, video), ssim=ssim(ref, video), caption_ok=caption_ok(video, prompt),
-                           density=(g.report or {}).get("effective_density"))  # fmt: skip
+                           density=rep.get("density"), effective_density=rep.get("effective_density"))  # fmt: skip
+                twin = bf16_twin(config)
+                if twin is not None:
+                    other = videos[twin] if twin in videos else run(pipe, twin, prompt, settings, videos)[0].video
+                    row.update(psnr_vs_bf16=psnr(other, video), ssim_vs_bf16=ssim(other, video))
             except Exception as e:  # noqa: BLE001 - a configuration that cannot run is a row with its reason
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
             append_row(rows_path, jsonable(row))

@@ -36,7 +36,7 @@ def random_plan(
 ) -> BlockPlan:
     """A plan where every (head, query block) row keeps its diagonal block plus random others, ``round(density ·
     Mk)`` blocks a row (density 1: the full plan), with a random token order when ``permuted``: the plans the kernel
-    benchmark times (``benchmarks/kernels.py``) and ``tune`` tunes."""
+    benchmark times (``benchmarks/kernel_speed.py``) and ``tune`` tunes."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density!r}")
     m = num_blocks(seq_len, block)

@@ -347,3 +347,17 @@ def test_no_top_level_folder_shadows_an_installed_package():
     ours = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()} - {"dit_sparse"}
     installed = set(md.packages_distributions())
     assert ours and not ours & installed, f"top-level folders shadowing installed packages: {sorted(ours & installed)}"
+
+
+def test_no_benchmark_script_shadows_an_installed_package():
+    """``python benchmarks/X.py`` puts ``benchmarks/`` first on sys.path, so no script there may share its name with an
+    installed module: ``benchmarks/kernels.py`` was imported by Diffusers in place of the Hugging Face ``kernels``
+    package and every script that loads a pipeline failed."""
+    import importlib.metadata as md
+    from pathlib import Path
+
+    scripts = {p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")}
+    installed = set(md.packages_distributions())
+    assert scripts and not scripts & installed, (
+        f"benchmark scripts shadowing installed packages: {sorted(scripts & installed)}"
+    )

@@ -1,26 +1,32 @@
-"""FP8 attention (``precision="fp8"``): SageAttention-style quantization of q, k, v, and its torch emulation.
+"""FP8 attention (``precision="fp8"``): SageAttention2-style quantization of q, k, v, and its torch emulation.
 
-The quantization (the Triton pre-pass :func:`quantize_fp8`, mirrored op for op by :func:`quantize_fp8_reference`):
+INT8 Q·Kᵀ and FP8 P·V, as SageAttention2 does (Zhang et al. 2024, §3): Q·Kᵀ in FP8 e4m3 (3 mantissa bits) cost 2.2%
+relative error on the embedded model's attention outputs, INT8 0.5% (``benchmarks/fp8_accuracy.py``); both run on
+the same 8-bit tensor cores. The quantization (the Triton pre-pass :func:`quantize_fp8`, mirrored op for op by
+:func:`quantize_fp8_reference`):
 
 - **Token order, padding.** Quantized tensors are written in the plan's token order (permuted when the plan has a
   permutation: the attention kernel then reads them without a gather, through TMA where it can) and padded with
   zeros to whole plan blocks.
 - **K smoothing.** ``k - mean(k)`` (mean over all N tokens per (b, h, channel); exact for the softmax: every score of
   a row moves by the same ``q·mean``). The LSE, when asked for, gets that term back (``q_dot_mean``).
-- **Q, K:** FP8 e4m3 with one scale per (b, h, plan block): ``absmax / 448``; Q's scale carries the softmax scale and
-  ``log2(e)`` (the kernel's ``exp2`` domain), so a key tile's score scale is one product ``q_scale · k_scale``.
+- **Q, K:** INT8 (round to nearest even, ±127) with one scale per (b, h, plan block): ``absmax / 127``; Q's scale
+  carries the softmax scale and ``log2(e)`` (the kernel's ``exp2`` domain), so a key tile's score scale is one
+  product ``q_scale · k_scale``. The int32 dot products are exact (``|q·k| <= 127²·D < 2²²`` for D <= 256).
 - **V:** FP8 e4m3 with one scale per (b, h, channel) (``absmax`` over all tokens ``/ 448``), applied to the output;
   stored transposed, ``[B, H, D, N]``, because an fp8 tensor-core dot (Hopper wgmma) takes its second operand
   K-major only.
 - **P** (the softmax numerators, in [0, 1]): FP8 e4m3 with the fixed scale 448; P·V accumulates in fp32 per key
-  tile (Hopper's fp8 MMA accumulates in reduced precision), the row sums and the LSE in fp32.
+  tile (Hopper's fp8 MMA accumulates in reduced precision), the row sums and the LSE in fp32. On the GPU the kernel
+  computes P with the half-precision ``ex2.approx.f16x2`` (two exponentials per instruction; far finer than the fp8
+  that P is rounded to), the emulation in fp32.
 
 The statistics (K's mean, V's channel absmax) need every token before any block is cast: a first small Triton kernel
 writes per-chunk partial sums and maxima, reduced in torch over ``[B, H, chunks, D]``; the second kernel does all the
 per-block work (gather, mean subtraction, absmax, scale, cast, transposed store) for Q, K and V in one pass.
 
 The emulation (``backend="reference", precision="fp8"``: CPU tests and accuracy studies) quantizes with the same
-formulas in the same order (the Q and V scales and the fp8 tensors match the kernel's bit for bit; K's mean may
+formulas in the same order (the Q and V scales and the quantized tensors match the kernel's bit for bit; K's mean may
 differ in its last bit, the order of a float sum) and then runs the attention in one pass per row where the kernel's
 online softmax quantizes P against a running maximum: the two agree closely, not bitwise.
 """
@@ -43,8 +49,12 @@ except ImportError:  # pragma: no cover
     triton = None
 
 FP8_MAX = 448.0
-"""The largest finite float8 e4m3 value: absmax maps to it (Q, K, V), and P in [0, 1] is scaled by it."""
+"""The largest finite float8 e4m3 value: V's absmax maps to it, and P in [0, 1] is scaled by it."""
 FP8_DTYPE = torch.float8_e4m3fn
+INT8_MAX = 127.0
+"""Q's and K's absmax maps to it."""
+ROUND_MAGIC = 12582912.0
+"""1.5 · 2²³: ``(x + M) - M`` rounds an fp32 ``|x| < 2²²`` to the nearest integer, ties to even, on every device."""
 SCALE_FLOOR = 1e-30
 """Absmax floor: an all-zero block gets finite scales (and zeros)."""
 STATS_ROWS = 64
@@ -61,11 +71,11 @@ class FP8Inputs:
     ``Nq = Mq·block_q``, ``Nk = Mk·block_kv``; rows past N are zeros.
     """
 
-    q: torch.Tensor  # float8_e4m3fn [B, H, Nq, D]
-    k: torch.Tensor  # float8_e4m3fn [B, H, Nk, D], smoothed (k - k_mean)
+    q: torch.Tensor  # int8 [B, H, Nq, D]
+    k: torch.Tensor  # int8 [B, H, Nk, D], smoothed (k - k_mean)
     vt: torch.Tensor  # float8_e4m3fn [B, H, D, Nk]: V transposed
-    q_scale: torch.Tensor  # float32 [B, H, Mq]: absmax / 448 · softmax scale · log2(e)
-    k_scale: torch.Tensor  # float32 [B, H, Mk]: absmax / 448
+    q_scale: torch.Tensor  # float32 [B, H, Mq]: absmax / 127 · softmax scale · log2(e)
+    k_scale: torch.Tensor  # float32 [B, H, Mk]: absmax / 127
     v_scale: torch.Tensor  # float32 [B, H, D]: channel absmax / 448
     k_mean: torch.Tensor  # float32 [B, H, D]
     q_dot_mean: torch.Tensor | None  # float32 [B, H, Nq]: softmax scale · q·k_mean (the LSE's smoothing term)
@@ -101,6 +111,11 @@ def _cast(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return (x * _div(FP8_MAX, absmax)).to(FP8_DTYPE)
 
 
+def _cast_int8(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """``x · (127 / absmax)`` in int8, rounded to nearest even (the kernel's :data:`ROUND_MAGIC` rounding)."""
+    return ((x * _div(INT8_MAX, absmax) + ROUND_MAGIC) - ROUND_MAGIC).to(torch.int8)
+
+
 def quantize_fp8_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float, with_lse: bool,
     smooth_k: bool = True,
@@ -117,7 +132,7 @@ def quantize_fp8_reference(
 
     qb = _blocks(q, perm, bq, mq)
     q_amax = qb.abs().amax((3, 4)).clamp_min(SCALE_FLOOR)
-    q8 = _cast(qb, q_amax[..., None, None]).view(b, h, mq * bq, d)
+    q8 = _cast_int8(qb, q_amax[..., None, None]).view(b, h, mq * bq, d)
     q_dot_mean = None
     if with_lse:
         q_dot_mean = (qb * k_mean[:, :, None, None, :]).sum(-1).view(b, h, mq * bq) * torch.tensor(scale)
@@ -125,12 +140,12 @@ def quantize_fp8_reference(
     valid = (torch.arange(mk * bk, device=q.device) < n).view(1, 1, mk, bk, 1)
     kb = torch.where(valid, _blocks(k, perm, bk, mk) - k_mean[:, :, None, None, :], 0.0)
     k_amax = kb.abs().amax((3, 4)).clamp_min(SCALE_FLOOR)
-    k8 = _cast(kb, k_amax[..., None, None]).view(b, h, mk * bk, d)
+    k8 = _cast_int8(kb, k_amax[..., None, None]).view(b, h, mk * bk, d)
 
     v_amax = v_amax.clamp_min(SCALE_FLOOR)
     v8 = _cast(_blocks(v, perm, bk, mk).view(b, h, mk * bk, d), v_amax[:, :, None, :])
     return FP8Inputs(
-        q8, k8, v8.transpose(-1, -2).contiguous(), _div(q_amax, FP8_MAX) * sm_log2, _div(k_amax, FP8_MAX),
+        q8, k8, v8.transpose(-1, -2).contiguous(), _div(q_amax, INT8_MAX) * sm_log2, _div(k_amax, INT8_MAX),
         _div(v_amax, FP8_MAX), k_mean, q_dot_mean,
     )  # fmt: skip
 
@@ -138,7 +153,14 @@ def quantize_fp8_reference(
 # ---------------------------------------------------------------------------------------------- Triton pre-pass
 if triton is not None:
     _MAX = tl.constexpr(FP8_MAX)
+    _IMAX = tl.constexpr(INT8_MAX)
+    _MAGIC = tl.constexpr(ROUND_MAGIC)
     _FLOOR = tl.constexpr(SCALE_FLOOR)
+
+    @triton.jit
+    def to_int8(x):
+        """fp32 ``x`` (``|x| <= 127``) in int8, rounded to nearest even."""
+        return ((x + _MAGIC) - _MAGIC).to(tl.int8)
 
     @triton.jit
     def to_fp8(x, EXACT: tl.constexpr):
@@ -200,13 +222,12 @@ if triton is not None:
                 x, ok = _load_rows(Q, b * sqb + h * sqh, sqn, PERM, m * BLOCK_Q + r + offs_r, offs_d, N, HAS_PERM)
                 amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
             amax = tl.maximum(tl.max(amax, 0), _FLOOR)
-            inv = tl.math.div_rn(_MAX, amax)
-            tl.store(Q_SCALE + bh * MQ + m, tl.math.div_rn(amax, _MAX) * sm_log2)
+            inv = tl.math.div_rn(_IMAX, amax)
+            tl.store(Q_SCALE + bh * MQ + m, tl.math.div_rn(amax, _IMAX) * sm_log2)
             for r in tl.range(0, BLOCK_Q, ROWS):
                 pos = m * BLOCK_Q + r + offs_r
                 x, ok = _load_rows(Q, b * sqb + h * sqh, sqn, PERM, pos, offs_d, N, HAS_PERM)
-                x8 = to_fp8(x * inv, EXACT_CAST)
-                tl.store(Q8 + (bh * nq + pos)[:, None] * HEAD_D + offs_d[None, :], x8)
+                tl.store(Q8 + (bh * nq + pos)[:, None] * HEAD_D + offs_d[None, :], to_int8(x * inv))
                 if WITH_LSE:
                     tl.store(Q_DOT_MEAN + bh * nq + pos, tl.sum(x * k_mean[None, :], 1) * sm_scale)
         if m < MK:
@@ -215,8 +236,8 @@ if triton is not None:
                 x, ok = _load_rows(K, b * skb + h * skh, skn, PERM, m * BLOCK_KV + r + offs_r, offs_d, N, HAS_PERM)
                 amax = tl.maximum(amax, tl.max(tl.abs(tl.where(ok[:, None], x - k_mean[None, :], 0.0)), 0))
             amax = tl.maximum(tl.max(amax, 0), _FLOOR)
-            inv = tl.math.div_rn(_MAX, amax)
-            tl.store(K_SCALE + bh * MK + m, tl.math.div_rn(amax, _MAX))
+            inv = tl.math.div_rn(_IMAX, amax)
+            tl.store(K_SCALE + bh * MK + m, tl.math.div_rn(amax, _IMAX))
             v_amax = tl.maximum(tl.load(V_AMAX + bh * HEAD_D + offs_d), _FLOOR)
             v_inv = tl.math.div_rn(_MAX, v_amax)
             if m == 0:
@@ -225,8 +246,7 @@ if triton is not None:
                 pos = m * BLOCK_KV + r + offs_r
                 x, ok = _load_rows(K, b * skb + h * skh, skn, PERM, pos, offs_d, N, HAS_PERM)
                 x = tl.where(ok[:, None], x - k_mean[None, :], 0.0)
-                x8 = to_fp8(x * inv, EXACT_CAST)
-                tl.store(K8 + (bh * nk + pos)[:, None] * HEAD_D + offs_d[None, :], x8)
+                tl.store(K8 + (bh * nk + pos)[:, None] * HEAD_D + offs_d[None, :], to_int8(x * inv))
                 x, ok = _load_rows(V, b * svb + h * svh, svn, PERM, pos, offs_d, N, HAS_PERM)
                 x8 = to_fp8(x * v_inv[None, :], EXACT_CAST)
                 tl.store(VT8 + (bh * HEAD_D + offs_d)[:, None] * nk + pos[None, :], tl.trans(x8))
@@ -257,8 +277,8 @@ def quantize_fp8(
     k_mean = k_sum.sum(2).div_(n)
     v_amax = v_max.amax(2)
     x = FP8Inputs(
-        q=torch.empty(b, h, mq * bq, d, dtype=FP8_DTYPE, device=dev),
-        k=torch.empty(b, h, mk * bk, d, dtype=FP8_DTYPE, device=dev),
+        q=torch.empty(b, h, mq * bq, d, dtype=torch.int8, device=dev),
+        k=torch.empty(b, h, mk * bk, d, dtype=torch.int8, device=dev),
         vt=torch.empty(b, h, d, mk * bk, dtype=FP8_DTYPE, device=dev),
         q_scale=torch.empty(b, h, mq, dtype=torch.float32, device=dev),
         k_scale=torch.empty(b, h, mk, dtype=torch.float32, device=dev),
@@ -272,6 +292,7 @@ def quantize_fp8(
         x.v_scale, x.q_dot_mean if with_lse else k_sum, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], n, mq, mk,
         scale * _LOG2E, scale, BLOCK_Q=bq, BLOCK_KV=bk, ROWS=rows, HEAD_D=d, HAS_PERM=perm is not None,
         WITH_LSE=with_lse, EXACT_CAST=_INTERPRET, num_warps=4,
+        **({} if _INTERPRET else {"enable_fp_fusion": False}),  # x·inv + M must round twice, as the emulation does
     )  # fmt: skip
     return x
 
@@ -284,7 +305,7 @@ def _position_blocks(plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def emulate_fp8_attention(call: AttentionCall, smooth_k: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``precision="fp8"`` in torch: :func:`quantize_fp8_reference`, then attention on the fp8 values with P
+    """``precision="fp8"`` in torch: :func:`quantize_fp8_reference`, then attention on the quantized values with P
     quantized to fp8 (scale 448) and fp32 sums, in the plan's token order; the result in the original order.
     Rows with no allowed key give 0 and LSE -inf; HEAD_SKIP heads too. ``smooth_k``: see quantize_fp8_reference."""
     q, plan = call.q, call.plan

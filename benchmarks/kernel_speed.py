@@ -2,9 +2,9 @@
 
 Run on the device (CUDA):
 
-    python benchmarks/kernels.py                       # full table, writes benchmarks/results/kernels-<date>.{json,md}
-    python benchmarks/kernels.py --check               # GPU correctness suite on small shapes first, then the table
-    python benchmarks/kernels.py --shapes 12x32760x128 --densities 1,0.25,0.05
+    python benchmarks/kernel_speed.py                       # full table, writes benchmarks/results/kernels-<date>.{json,md}
+    python benchmarks/kernel_speed.py --check               # GPU correctness suite on small shapes first, then the table
+    python benchmarks/kernel_speed.py --shapes 12x32760x128 --densities 1,0.25,0.05
 
 For every shape (B=1, bf16, q/k/v handed as the BHND view of BNHD memory, as Diffusers does) and every plan (random
 block plans at the given densities, every row keeping its diagonal block, and a radial-like plan whose band narrows
@@ -527,7 +527,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix for the result file names")
     args = ap.parse_args()
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --shapes 2x700x64 as a dry run)")
+        sys.exit(
+            "benchmarks/kernel_speed.py needs a CUDA GPU (or TRITON_INTERPRET=1 with --shapes 2x700x64 as a dry run)"
+        )
 
     from dit_sparse.kernels import triton_attention as ta
 
