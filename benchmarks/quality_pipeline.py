@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             append_row(rows_path, jsonable(row))
             rows.append(jsonable(row))
         print(f"[{i}/{len(texts)}] {prompt!r}: " + ", ".join(
-            f"{r['config']} {r.get('psnr', float('nan')):.1f}" for r in rows[-len(todo):]), flush=True)  # fmt: skip
+            f"{r['config']} {float(r.get('psnr', 'nan')):.1f}" for r in rows[-len(todo):]), flush=True)  # fmt: skip
     summary = summarize(rows, configs)
     skipped = [c for c in args.configs if c not in configs]
     note = (f"embedded model, {len(texts)} seeded prompts (seed 0 each), {device}; PSNR/SSIM against the dense video "
