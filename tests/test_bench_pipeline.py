@@ -80,6 +80,38 @@ def test_radial_kinds_follow_its_scaled_warmup(tiny: tuple) -> None:
     assert all(len(set(step)) == 1 for step in schedule.kinds)  # both CFG passes alike
 
 
+def test_an_fp8_configuration_has_the_schedule_of_its_bf16_twin() -> None:
+    """The schedule is derived on a CPU model, which has no fp8 kernel: the precision is left out there."""
+    pm = P.PIPELINES["wan2.1-1.3b-480p"]
+    fp8 = P.schedule_of(pm, P.parse_config("radial:precision=fp8"), _scheduler(), 6)
+    bf16 = P.schedule_of(pm, P.parse_config("radial"), _scheduler(), 6)
+    assert fp8[0].kinds == bf16[0].kinds and fp8[1] == bf16[1]
+
+
+def test_taylorseer_predicts_every_block_on_its_cached_steps() -> None:
+    """``taylorseer`` hooks every Wan block (Diffusers' default patterns hook none): after 3 full steps, 1 step in 5
+    computes, and the latents differ from the dense ones."""
+    from tiny_dit import generate_latents, wan_pipeline
+
+    pipe = wan_pipeline()
+    dense = generate_latents(pipe, steps=10)
+    attn = pipe.transformer.blocks[0].attn1
+    native, calls = attn.processor, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return native(*args, **kwargs)
+
+    attn.set_processor(counting)
+    P.configure(pipe, P.PIPELINES["wan2.1-1.3b-480p"], P.parse_config("taylorseer"))
+    try:
+        cached = generate_latents(pipe, steps=10)
+    finally:
+        pipe.transformer.disable_cache()
+    assert len(calls) == 2 * (3 + 2)  # CFG passes x (steps 0-2, then steps 4 and 9 of the 5-step cycles)
+    assert not torch.equal(cached, dense)
+
+
 def test_adaspa_kinds_are_its_searches(tiny: tuple) -> None:
     schedule, steps = _kinds(tiny, "adaspa", 50)
     first_search, sparse, later_search = (schedule.kinds[s][0] for s in (10, 11, 30))

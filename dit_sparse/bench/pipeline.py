@@ -10,7 +10,9 @@ is not timed (no text-encoder weights here).
 Configurations (:func:`parse_config`): parts joined by ``+``: ``dense`` (the model's own processors, cuDNN/flash
 SDPA through torch), a method spec (``radial``, ``window:window=1,1,1``), ``sage`` (the ``sageattention`` package's
 ``sageattn`` on every self-attention SDPA call), a Diffusers step cache (``fbc``: FirstBlockCache, threshold 0.05;
-``taylorseer``: TaylorSeerCache at its defaults, compute every 5 steps after 3 full ones; MagCache needs calibrated
+``taylorseer``: TaylorSeerCache, compute every 5 steps after 3 full ones, first-order prediction of every transformer
+block's output (:data:`TAYLORSEER_BLOCKS`: Diffusers 0.42.1's default patterns such as ``^blocks.*attn`` are
+full matches and hook none of Wan's ``blocks.N.attn1`` / ``attn2``, so its defaults change nothing); MagCache needs calibrated
 ratios we lack and FasterCache a batched CFG pass Wan does not run), ``compile`` (regional
 ``compile_repeated_blocks``, inductor, ``dynamic=False``; after the method is applied). A combination that cannot
 work is refused with its reason (a results row, the run goes on), as is a configuration that fails while running.
@@ -55,6 +57,8 @@ NOTE = (
     "pipeline's own scheduler, steps and CFG"
 )
 STEP_CACHES = ("fbc", "taylorseer")
+TAYLORSEER_BLOCKS = r"(blocks|transformer_blocks|single_transformer_blocks)\.\d+"
+"""The modules whose outputs TaylorSeer predicts: every transformer block (Wan, HunyuanVideo)."""
 TIMINGS = ("cold", "warm", "steady")
 
 
@@ -221,7 +225,7 @@ def configure(pipe: Any, pm: PipelineModel, config: Config) -> Callable[[], cont
     elif config.cache == "taylorseer":
         from diffusers import TaylorSeerCacheConfig
 
-        pipe.transformer.enable_cache(TaylorSeerCacheConfig())
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_identifiers=[TAYLORSEER_BLOCKS]))
     if config.compile:
         compile_model(pipe.transformer, MODELS[pm.model], "blocks")
     if config.sage:
@@ -328,7 +332,8 @@ def schedule_of(pm: PipelineModel, config: Config, scheduler: Any, steps: int) -
         return dense_schedule(steps, pm.passes), [0]
     tiny, inputs = tiny_transformer(pm.family)
     sched = type(scheduler).from_config(scheduler.config)
-    return step_kinds(tiny, sched, inputs, config.method[0], config.method[1], steps, pm.passes)
+    params = {k: v for k, v in config.method[1].items() if k != "precision"}  # the schedule is the same; the CPU
+    return step_kinds(tiny, sched, inputs, config.method[0], params, steps, pm.passes)  # model has no fp8 kernel
 
 
 # ------------------------------------------------------------------------------------------------ worker (one process)
