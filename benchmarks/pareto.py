@@ -1,12 +1,15 @@
-"""Pareto plot: whole-generation speedup (a ``bench --pipeline`` results JSON) against PSNR on the embedded model
+"""Pareto plot: whole-generation speedup (``bench --pipeline`` results JSONs) against PSNR on the embedded model
 (a ``benchmarks/quality_pipeline.py`` summary.json), one point per configuration found in both.
 
-    python benchmarks/pareto.py benchmarks/results/pipeline-X.json benchmarks/results/quality-pipeline-X/summary.json \\
-        --model wan2.1-1.3b-480p --timing steady --out benchmarks/results/pareto-X.png
+    python benchmarks/pareto.py benchmarks/results/pipeline-X.json [pipeline-Y.json ...] \\
+        --quality benchmarks/results/quality-pipeline-X/summary.json --model wan2.1-1.3b-480p --timing steady \\
+        --out benchmarks/results/pareto-X.png
 
-Speedup = dense's whole generation (denoising + decode) / the configuration's, same run and timing; PSNR as a mean
-with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not drawn. Configurations without a
-quality row (``+compile``) take their eager configuration's quality (compile computes the same thing).
+Speedup = dense's whole generation (denoising + decode) / the configuration's, each against the dense of its own
+results file (same run and timing; a composed file's rows are steady and composed); a configuration in several
+files keeps its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
+drawn. Configurations without a quality row (``+compile``) take their eager configuration's quality (compile computes
+the same thing).
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from typing import Any
 from dit_sparse.bench.results import whole_s
 
 
+def row_s(row: dict[str, Any], mode: str, timing: str) -> float | None:
+    """Seconds of one configuration's whole generation at ``timing``: a call's, or the composed steady figure."""
+    if mode == "compose":
+        composed = row.get("composed_denoise_s")
+        return composed + row.get("decode_s", 0.0) if composed is not None and timing == "steady" else None
+    return whole_s(row.get("timings", {}).get(timing))
+
+
 def speedups(pipeline: dict[str, Any], model: str, timing: str) -> dict[str, float]:
     """Configuration -> whole-generation speedup against dense at ``timing`` (cold / warm / steady)."""
     runs = [r for r in pipeline["runs"] if r["pipeline"] == model]
@@ -26,18 +37,23 @@ def speedups(pipeline: dict[str, Any], model: str, timing: str) -> dict[str, flo
         raise SystemExit(
             f"no run of {model} in the pipeline results; it has {[r['pipeline'] for r in pipeline['runs']]}"
         )
-    rows = {r["config"]: whole_s(r.get("timings", {}).get(timing)) for r in runs[0]["rows"] if not r.get("error")}
+    mode = pipeline.get("mode", "pipeline")
+    rows = {r["config"]: row_s(r, mode, timing) for r in runs[0]["rows"] if not r.get("error")}
     dense = rows.get("dense")
     if not dense:
         raise SystemExit(f"no dense {timing} timing of {model}: the speedups need it")
     return {c: dense / s for c, s in rows.items() if s and c != "dense"}
 
 
-def points(pipeline: dict[str, Any], quality: dict[str, Any], model: str, timing: str) -> list[dict[str, Any]]:
+def points(pipelines: list[dict[str, Any]], quality: dict[str, Any], model: str, timing: str) -> list[dict[str, Any]]:
     """(config, speedup, PSNR mean, PSNR 95% half-width) of every configuration with both figures."""
     psnr = {s["config"]: s["psnr"] for s in quality["summary"] if s["psnr"]["mean"] is not None}
+    merged: dict[str, float] = {}
+    for pipeline in pipelines:
+        for config, speedup in speedups(pipeline, model, timing).items():
+            merged.setdefault(config, speedup)
     out = []
-    for config, speedup in speedups(pipeline, model, timing).items():
+    for config, speedup in merged.items():
         eager = "+".join(p for p in config.split("+") if p != "compile") or "dense"
         q = psnr.get(config) or psnr.get(eager)
         if q is not None and eager != "dense":
@@ -68,20 +84,20 @@ def plot(pts: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("pipeline_json", type=Path)
-    p.add_argument("quality_json", type=Path)
+    p.add_argument("pipeline_json", type=Path, nargs="+", help="bench --pipeline results (full calls or composed)")
+    p.add_argument("--quality", type=Path, required=True, help="quality_pipeline.py's summary.json")
     p.add_argument("--model", default="wan2.1-1.3b-480p", help="pipeline model of the speedups")
     p.add_argument("--timing", default="steady", choices=["cold", "warm", "steady"])
     p.add_argument("--out", type=Path, required=True, help="the PNG to write (refused when it exists)")
     args = p.parse_args(argv)
     if args.out.exists():
         p.error(f"{args.out} exists; choose another --out")
-    pipeline = json.loads(args.pipeline_json.read_text())
-    quality = json.loads(args.quality_json.read_text())
-    pts = points(pipeline, quality, args.model, args.timing)
+    pipelines = [json.loads(path.read_text()) for path in args.pipeline_json]
+    quality = json.loads(args.quality.read_text())
+    pts = points(pipelines, quality, args.model, args.timing)
     if not pts:
         p.error("no configuration has both a speedup and a PSNR; are the two files of the same configurations?")
-    env = pipeline.get("environment", {})
+    env = pipelines[0].get("environment", {})
     plot(pts, args.out, f"{args.model}, {args.timing}, {env.get('device', '')}; quality: embedded model")
     for q in sorted(pts, key=lambda q: -q["speedup"]):
         print(f"{q['config']:24s} {q['speedup']:.2f}x  PSNR {q['psnr']:.2f} ± {q['ci95']:.2f} dB")

@@ -297,3 +297,33 @@ def test_cli_delegates_models_and_configs(monkeypatch: pytest.MonkeyPatch, tmp_p
     (pipelines, configs, out), kw = seen[0]
     assert pipelines == ["wan2.1-1.3b-720p", "wan2.1-14b-720p"] and configs == ["dense", "radial+compile"]
     assert kw["compose"] and kw["repeats"] == 2 and kw["timings"] == P.TIMINGS
+
+
+def test_pareto_joins_full_call_and_composed_results_each_against_its_own_dense(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pareto", Path(__file__).parents[1] / "benchmarks" / "pareto.py")
+    pareto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pareto)
+    full = {"mode": "pipeline", "runs": [{"pipeline": "m", "rows": [
+        {"config": "dense", "timings": {"steady": {"denoise_s": 60.0, "decode_s": 3.0}}},
+        {"config": "taylorseer", "timings": {"steady": {"denoise_s": 18.0, "decode_s": 3.0}}},
+    ]}]}  # fmt: skip
+    composed = {"mode": "compose", "runs": [{"pipeline": "m", "rows": [
+        {"config": "dense", "composed_denoise_s": 40.0, "decode_s": 2.0},
+        {"config": "radial", "composed_denoise_s": 19.0, "decode_s": 2.0},
+        {"config": "radial+compile", "composed_denoise_s": 12.0, "decode_s": 2.0},
+        {"config": "window", "error": "failed"},
+    ]}]}  # fmt: skip
+    quality = {"summary": [
+        {"config": c, "psnr": {"mean": m, "ci95": 0.5}} for c, m in (("radial", 35.0), ("taylorseer", 30.0))
+    ]}  # fmt: skip
+    pts = {p["config"]: p for p in pareto.points([full, composed], quality, "m", "steady")}
+    assert pts["taylorseer"]["speedup"] == pytest.approx(63 / 21)
+    assert pts["radial"]["speedup"] == pytest.approx(42 / 21)
+    assert pts["radial+compile"]["speedup"] == pytest.approx(3.0) and pts["radial+compile"]["psnr"] == 35.0
+    assert set(pts) == {"taylorseer", "radial", "radial+compile"}
+    with pytest.raises(SystemExit):
+        pareto.points([composed], quality, "m", "cold")  # no dense cold figure to divide by
+    out = pareto.plot(list(pts.values()), tmp_path / "p.png", "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

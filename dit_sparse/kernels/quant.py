@@ -17,9 +17,7 @@ the same 8-bit tensor cores. The quantization (the Triton pre-pass :func:`quanti
   stored transposed, ``[B, H, D, N]``, because an fp8 tensor-core dot (Hopper wgmma) takes its second operand
   K-major only.
 - **P** (the softmax numerators, in [0, 1]): FP8 e4m3 with the fixed scale 448; P·V accumulates in fp32 per key
-  tile (Hopper's fp8 MMA accumulates in reduced precision), the row sums and the LSE in fp32. On the GPU the kernel
-  computes P with the half-precision ``ex2.approx.f16x2`` (two exponentials per instruction; far finer than the fp8
-  that P is rounded to), the emulation in fp32.
+  tile (Hopper's fp8 MMA accumulates in reduced precision), the row sums and the LSE in fp32.
 
 The statistics (K's mean, V's channel absmax) need every token before any block is cast: a first small Triton kernel
 writes per-chunk partial sums and maxima, reduced in torch over ``[B, H, chunks, D]``; the second kernel does all the

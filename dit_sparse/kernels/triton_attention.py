@@ -24,12 +24,12 @@ Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
   the last configuration used; ``DIT_SPARSE_AUTOTUNE=0`` takes the first candidate instead).
   The density octave needs one device->host read per new plan (cached with the plan; never per call), none when
   the plan carries a host-side ``density_hint`` (dynamic methods, whose plans are new every call).
-- **FP8** (``precision="fp8"``, Hopper and newer): the same kernel reads the fp8 copies and scales the pre-pass of
+- **FP8** (``precision="fp8"``, Hopper and newer): the same kernel reads the 8-bit copies and scales the pre-pass of
   :mod:`~dit_sparse.kernels.quant` makes every call (already in the plan's token order: no K/V gather, TMA always
   applies; V transposed, K-major for the fp8 dot); Q·Kᵀ is an INT8 dot with exact int32 sums, a key tile's scores
-  are dequantized by one scalar (Q's block scale with the softmax scale folded in, times K's), P (half-precision
-  exponentials, two per instruction) goes to fp8 at scale 448 and each tile's P·V is added in fp32; V's channel
-  scales are applied to the output, the smoothing term of K's mean to the LSE. Its own tuning key field.
+  are dequantized by one scalar (Q's block scale with the softmax scale folded in, times K's), P goes to fp8 at
+  scale 448 and each tile's P·V is added in fp32; V's channel scales are applied to the output, the smoothing term of
+  K's mean to the LSE. Its own tuning key field.
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
   bf16/fp16 for speed.
 """
@@ -62,29 +62,17 @@ _FP8_MAX = tl.constexpr(FP8_MAX)
 _MAGIC = tl.constexpr(ROUND_MAGIC)
 _MAGIC_BITS = tl.constexpr(0x4B400000)  # ROUND_MAGIC's fp32 bits: int i + these bits, read as fp32, is M + i
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FP8_FAST_EXP = os.environ.get("DIT_SPARSE_FP8_EXP", "f16") != "f32"
-"""fp8 path on the GPU: P from ``ex2.approx.f16x2`` (default) or, with ``DIT_SPARSE_FP8_EXP=f32``, fp32 ``exp2``."""
 
 
 # ----------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _exp2_f16(x):
-    """``2^x`` in float16 with ``ex2.approx.f16x2``: two exponentials per instruction (fp32 ``exp2`` does one)."""
-    return tl.inline_asm_elementwise(
-        "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-    )
-
-
-@triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
-                  FAST_EXP: tl.constexpr):  # fmt: skip
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
     """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED.
 
     FP8: q, k are int8 and v fp8 (all fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale; the
-    int32 scores become fp32 exactly through :data:`ROUND_MAGIC` (an add and a bit cast, cheaper than a conversion);
+    int32 scores become fp32 exactly through :data:`ROUND_MAGIC` (an integer add and a bit cast);
     P goes to fp8 with the scale 448 (undone with V's scale on the output) and the tile's P·V is added to ``acc`` in
-    fp32 (Hopper's fp8 MMA accumulates in reduced precision: only a tile's BLOCK_N products are summed there).
-    FAST_EXP: P from :func:`_exp2_f16` (the fp8 path on the GPU)."""
+    fp32 (Hopper's fp8 MMA accumulates in reduced precision: only a tile's BLOCK_N products are summed there)."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     elif FP8:
@@ -99,15 +87,10 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, 
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_ij
-    alpha = tl.math.exp2(m_i - m_use)
-    acc = acc * alpha[:, None]
-    if FAST_EXP:
-        p16 = _exp2_f16(qk * qk_scale - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
-        acc += tl.dot((p16 * _FP8_MAX).to(tl.float8e4nv, fp_downcast_rounding="rtne"), v)
-        return acc, l_i, m_ij
     p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if FP8:
         p8 = to_fp8(p * _FP8_MAX, IEEE)  # IEEE: the interpreter (exact cast there)
         if IEEE:
@@ -277,7 +260,6 @@ def _block_sparse_fwd(
     OFF64: tl.constexpr,
     UPCAST: tl.constexpr,
     FP8: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -347,7 +329,7 @@ def _block_sparse_fwd(
         tile_scale = qk_scale
         if FP8:
             tile_scale = qk_scale * tl.load(k_scales + kb)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, HAS_KVLEN, IEEE, FP8, FAST_EXP)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, HAS_KVLEN, IEEE, FP8)
 
     if not EVEN_N:
         if has_tail:
@@ -360,7 +342,7 @@ def _block_sparse_fwd(
                 tile_scale = qk_scale
                 if FP8:
                     tile_scale = qk_scale * tl.load(k_scales + MK - 1)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, True, IEEE, FP8, FAST_EXP)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, True, IEEE, FP8)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -594,7 +576,7 @@ def _launch(
     rows = (q, k, out) if fp8 is not None else (q, k, v, out)  # V^T's tile offsets stay below its (b, h) slice
     max_off = max((n + cfg.block_m) * max(abs(x.stride(2)) for x in rows) + d, b * h * n, v.stride(1))
     off64 = max_off >= 2**31
-    # Triton's interpreter (3.9) multiplies bf16 (and fp8) tiles as raw integers: upcast to fp32 there (tests only)
+    # Triton's interpreter (3.9) multiplies bf16 (and int8, fp8) tiles as raw integers: upcast to fp32 there (tests only)
     upcast = _INTERPRET and q.dtype in (torch.bfloat16, torch.int8)
     grid = (triton.cdiv(n, cfg.block_m), h, b)
     dummy = kv_num
@@ -652,7 +634,6 @@ def _launch(
         OFF64=off64,
         UPCAST=upcast,
         FP8=fp8 is not None,
-        FAST_EXP=fp8 is not None and not upcast and FP8_FAST_EXP,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
