@@ -6,8 +6,9 @@
         --out benchmarks/results/pareto-X.png
 
 Speedup = dense's whole generation (denoising + decode) / the configuration's, each against the dense of its own
-results file (same run and timing; a composed file's rows are steady and composed); a configuration in several
-files keeps its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
+results file (same run and timing; a composed file's rows are steady and composed); a file without a dense row takes
+the dense of the file before it (give the files of one device call in a row); a configuration in several files keeps
+its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
 drawn. Configurations without a quality row (``+compile``) take their eager configuration's quality (compile computes
 the same thing).
 """
@@ -30,8 +31,9 @@ def row_s(row: dict[str, Any], mode: str, timing: str) -> float | None:
     return whole_s(row.get("timings", {}).get(timing))
 
 
-def speedups(pipeline: dict[str, Any], model: str, timing: str) -> dict[str, float]:
-    """Configuration -> whole-generation speedup against dense at ``timing`` (cold / warm / steady)."""
+def speedups(pipeline: dict[str, Any], model: str, timing: str, dense: float | None = None) -> dict[str, float]:
+    """Configuration -> whole-generation speedup against dense at ``timing`` (cold / warm / steady); ``dense``: the
+    dense seconds to use when the file has no dense row (another file of the same device call)."""
     runs = [r for r in pipeline["runs"] if r["pipeline"] == model]
     if not runs:
         raise SystemExit(
@@ -39,18 +41,21 @@ def speedups(pipeline: dict[str, Any], model: str, timing: str) -> dict[str, flo
         )
     mode = pipeline.get("mode", "pipeline")
     rows = {r["config"]: row_s(r, mode, timing) for r in runs[0]["rows"] if not r.get("error")}
-    dense = rows.get("dense")
+    dense = rows.get("dense") or dense
     if not dense:
         raise SystemExit(f"no dense {timing} timing of {model}: the speedups need it")
-    return {c: dense / s for c, s in rows.items() if s and c != "dense"}
+    return {"dense": dense, **{c: dense / s for c, s in rows.items() if s and c != "dense"}}
 
 
 def points(pipelines: list[dict[str, Any]], quality: dict[str, Any], model: str, timing: str) -> list[dict[str, Any]]:
     """(config, speedup, PSNR mean, PSNR 95% half-width) of every configuration with both figures."""
     psnr = {s["config"]: s["psnr"] for s in quality["summary"] if s["psnr"]["mean"] is not None}
     merged: dict[str, float] = {}
+    dense = None
     for pipeline in pipelines:
-        for config, speedup in speedups(pipeline, model, timing).items():
+        ratios = speedups(pipeline, model, timing, dense)
+        dense = ratios.pop("dense")
+        for config, speedup in ratios.items():
             merged.setdefault(config, speedup)
     out = []
     for config, speedup in merged.items():

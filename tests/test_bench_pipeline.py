@@ -325,5 +325,10 @@ def test_pareto_joins_full_call_and_composed_results_each_against_its_own_dense(
     assert set(pts) == {"taylorseer", "radial", "radial+compile"}
     with pytest.raises(SystemExit):
         pareto.points([composed], quality, "m", "cold")  # no dense cold figure to divide by
+    cache_only = {"mode": "pipeline", "runs": [{"pipeline": "m", "rows": [full["runs"][0]["rows"][1]]}]}
+    later = {p["config"]: p for p in pareto.points([composed, cache_only], quality, "m", "steady")}
+    assert later["taylorseer"]["speedup"] == pytest.approx(42 / 21)  # the dense of the file before it
+    with pytest.raises(SystemExit):
+        pareto.points([cache_only], quality, "m", "steady")
     out = pareto.plot(list(pts.values()), tmp_path / "p.png", "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
