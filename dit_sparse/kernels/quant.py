@@ -1,8 +1,8 @@
 """FP8 attention (``precision="fp8"``): SageAttention2-style quantization of q, k, v, and its torch emulation.
 
-INT8 Q·Kᵀ and FP8 P·V, as SageAttention2 does (Zhang et al. 2024, §3): Q·Kᵀ in FP8 e4m3 (3 mantissa bits) cost 2.2%
-relative error on the embedded model's attention outputs, INT8 0.5% (``benchmarks/fp8_accuracy.py``); both run on
-the same 8-bit tensor cores. The quantization (the Triton pre-pass :func:`quantize_fp8`, mirrored op for op by
+INT8 Q·Kᵀ and FP8 P·V, as SageAttention2 does (Zhang et al. 2024, §3): with Q·Kᵀ in FP8 e4m3 (3 mantissa bits) the
+attention outputs of the embedded model were 2.4% off fp32 (relative L2), with INT8 0.8%
+(``benchmarks/results/fp8-accuracy-2026-12-04-int8.md``); both run on the same 8-bit tensor cores. The quantization (the Triton pre-pass :func:`quantize_fp8`, mirrored op for op by
 :func:`quantize_fp8_reference`):
 
 - **Token order, padding.** Quantized tensors are written in the plan's token order (permuted when the plan has a
