@@ -6,7 +6,7 @@
         --out benchmarks/results/pareto-X.png
 
 Speedup = dense's whole generation (denoising + decode) / the configuration's, each against the dense of its own
-results file (same run and timing; a composed file's rows are steady and composed); a file without a dense row takes
+results file (same run and timing; a composed file's rows give steady and, where recorded, cold figures); a file without a dense row takes
 the dense of the file before it (give the files of one device call in a row); a configuration in several files keeps
 its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
 drawn. Configurations without a quality row (``+compile``) take their eager configuration's quality (compile computes
@@ -20,14 +20,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dit_sparse.bench.results import whole_s
+from dit_sparse.bench.results import composed_s, whole_s
 
 
 def row_s(row: dict[str, Any], mode: str, timing: str) -> float | None:
-    """Seconds of one configuration's whole generation at ``timing``: a call's, or the composed steady figure."""
+    """Seconds of one configuration's whole generation at ``timing``: a call's, or the composed figure (steady or
+    cold)."""
     if mode == "compose":
-        composed = row.get("composed_denoise_s")
-        return composed + row.get("decode_s", 0.0) if composed is not None and timing == "steady" else None
+        return composed_s(row, timing)
     return whole_s(row.get("timings", {}).get(timing))
 
 

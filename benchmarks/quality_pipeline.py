@@ -130,6 +130,7 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
             "ssim": interval([r["ssim"] for r in ok]),
             "caption": interval([float(r["caption_ok"]) for r in ok if r.get("caption_ok") is not None]),
             "captions_passed": sum(bool(r.get("caption_ok")) for r in ok),
+            "devices": {d: sum(r.get("device") == d for r in ok) for d in sorted({str(r.get("device")) for r in ok})},
             "density": interval([r["density"] for r in ok if r.get("density") is not None]),
             "effective_density": interval([r["effective_density"] for r in ok if r.get("effective_density") is not None]),
             "psnr_vs_bf16": interval([r["psnr_vs_bf16"] for r in ok if r.get("psnr_vs_bf16") is not None]),
@@ -148,16 +149,17 @@ def _ci(s: dict[str, Any], spec: str) -> str:
 def format_summary(summary: list[dict[str, Any]], n: int) -> str:
     lines = [
         f"| config | setting on the embedded model | sparse-call density | all-call density | PSNR dB | SSIM | "
-        f"captions passed of {n} | "
+        f"videos (of {n} prompts) | captions passed | "
         "PSNR vs bf16 twin | SSIM vs bf16 twin | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for s in summary:
+        devices = ", ".join(f"{k} {v}" for k, v in s.get("devices", {}).items())
         note = f"FAILED: {s['error']}" if s["error"] else ""
         lines.append(
             f"| {s['config']} | {s['setting'] or ''} | {_ci(s['density'], '.3f')} | "
             f"{_ci(s['effective_density'], '.3f')} | {_ci(s['psnr'], '.2f')} | "
-            f"{_ci(s['ssim'], '.4f')} | {s['captions_passed']} | {_ci(s['psnr_vs_bf16'], '.2f')} | "
+            f"{_ci(s['ssim'], '.4f')} | {s['videos']} ({devices}) | {s['captions_passed']} | {_ci(s['psnr_vs_bf16'], '.2f')} | "
             f"{_ci(s['ssim_vs_bf16'], '.4f')} | {note} |"
         )
     return "\n".join(lines)
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=50, help="seeded prompts (default 50)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the embedded model's 10)")
+    p.add_argument("--summarize", action="store_true",
+                   help="generate nothing: rewrite the summary of the rows already in --out (e.g. rows of GPU and CPU "
+                   "runs merged)")  # fmt: skip
     args = p.parse_args(argv)
     for config in args.configs:
         try:
@@ -178,14 +183,34 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(device=device)
-    settings = resolve_settings(args.steps, embedded=True)
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path)
-    done = {(r["config"], r["prompt"]) for r in rows}
     texts = prompts(args.prompts)
     configs = [c for c in args.configs if "compile" not in c.split("+")]
+    if not args.summarize:
+        generate_rows(rows, rows_path, texts, configs, args.device, args.steps)
+    summary = summarize([r for r in rows if r["prompt"] in texts], configs)  # a longer earlier run: its first n
+    skipped = [c for c in args.configs if c not in configs]
+    devices = ", ".join(sorted({str(r.get("device")) for r in rows if r["prompt"] in texts}))
+    note = (f"embedded model, {len(texts)} seeded prompts (seed 0 each), run on {devices} (per row: column videos); "
+            "PSNR/SSIM against the dense video of the same prompt on the same device; 95% intervals: mean ± 1.96 s/√n; "
+            "methods at matched-density settings (column 2)"
+            + (f"; {', '.join(skipped)}: compile computes what its eager configuration computes" if skipped else ""))  # fmt: skip
+    atomic_write_json(out / "summary.json", {"environment": environment(), "command": " ".join(sys.argv),
+                                             "note": note, "summary": summary})  # fmt: skip
+    table = format_summary(summary, len(texts))
+    atomic_write_text(out / "summary.md", f"# Quality of the whole-generation configurations\n\n{note}.\n\n{table}\n")
+    print(table)
+    return 0
+
+
+def generate_rows(rows: list[dict[str, Any]], rows_path: Path, texts: list[str], configs: list[str],
+                  device: str | None, steps: int | None) -> None:  # fmt: skip
+    """Generate every (configuration, prompt) not in ``rows`` yet, appending each row to ``rows`` and the file."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(device=device)
+    settings = resolve_settings(steps, embedded=True)
+    done = {(r["config"], r["prompt"]) for r in rows}
     for i, prompt in enumerate(texts, 1):
         todo = [c for c in configs if (c, prompt) not in done]
         if not todo:
@@ -210,17 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(jsonable(row))
         print(f"[{i}/{len(texts)}] {prompt!r}: " + ", ".join(
             f"{r['config']} {float(r.get('psnr', 'nan')):.1f}" for r in rows[-len(todo):]), flush=True)  # fmt: skip
-    summary = summarize([r for r in rows if r["prompt"] in texts], configs)  # a longer earlier run: its first n
-    skipped = [c for c in args.configs if c not in configs]
-    note = (f"embedded model, {len(texts)} seeded prompts (seed 0 each), {device}; PSNR/SSIM against the dense video "
-            "of the same prompt; 95% intervals: mean ± 1.96 s/√n; methods at matched-density settings (column 2)"
-            + (f"; {', '.join(skipped)}: compile computes what its eager configuration computes" if skipped else ""))  # fmt: skip
-    atomic_write_json(out / "summary.json", {"environment": environment(), "command": " ".join(sys.argv),
-                                             "note": note, "summary": summary})  # fmt: skip
-    table = format_summary(summary, len(texts))
-    atomic_write_text(out / "summary.md", f"# Quality of the whole-generation configurations\n\n{note}.\n\n{table}\n")
-    print(table)
-    return 0
 
 
 if __name__ == "__main__":

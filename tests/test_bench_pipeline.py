@@ -13,7 +13,7 @@ import torch
 import dit_sparse
 from dit_sparse.bench import compose as C
 from dit_sparse.bench import pipeline as P
-from dit_sparse.bench.results import format_pipeline_table, whole_s, write_pipeline_results
+from dit_sparse.bench.results import composed_s, format_pipeline_table, whole_s, write_pipeline_results
 from dit_sparse.cli import main
 from dit_sparse.methods import get_method
 
@@ -173,7 +173,9 @@ def test_time_kinds_times_every_kind_of_the_skeleton(tiny: tuple) -> None:
     dit_sparse.apply(holder, "radial")
     try:
         logs: list[str] = []
-        kind_ms = C.time_kinds(model, sched.timesteps, schedule, steps, inputs, repeats=1, log=logs.append)
+        first: list[tuple[str, float]] = []
+        kind_ms = C.time_kinds(model, sched.timesteps, schedule, steps, inputs, repeats=1, log=logs.append,
+                               first=first)  # fmt: skip
         rep = dit_sparse.report(model, reset=True)
     finally:
         dit_sparse.remove(model)
@@ -182,6 +184,14 @@ def test_time_kinds_times_every_kind_of_the_skeleton(tiny: tuple) -> None:
     assert rep.sparse_calls > 0 and rep.dense_calls > 0  # the skeleton reached warm-up and sparse steps
     total = C.compose(schedule, kind_ms, 0.0)
     assert total == pytest.approx(sum(n * kind_ms[k] for k, n in schedule.counts().items()) / 1e3)
+    # the untimed pass: one forward per skeleton step and CFG pass, in order
+    assert [k for k, _ in first] == [schedule.kinds[i][j] for i in steps for j in range(len(PASSES))]
+    assert C.cold_penalty_s(first, kind_ms) == pytest.approx(sum(ms - kind_ms[k] for k, ms in first) / 1e3)
+
+
+def test_cold_penalty_is_each_first_forwards_excess_over_its_kind() -> None:
+    first = [("dense", 900.0), ("dense", 110.0), ("sparse", 2050.0), ("sparse", 60.0)]
+    assert C.cold_penalty_s(first, {"dense": 100.0, "sparse": 50.0}) == pytest.approx((800 + 10 + 2000 + 10) / 1e3)
 
 
 # ------------------------------------------------------------------------------------------------ rows and files
@@ -259,6 +269,15 @@ def test_compose_results_print_composed_and_measured(tmp_path: Path) -> None:
     write_pipeline_results(_payload([r], "compose"), tmp_path / "c")
     md = (tmp_path / "c.md").read_text()
     assert "| radial | dense 24 × 600 | 48.0 | 47.0 | +2.3% |" in md
+    dense = {"config": "dense", "composed_denoise_s": 60.0, "decode_s": 3.0, "cold_penalty_s": 2.0,
+             "decode_cold_s": 4.0}  # fmt: skip
+    radial = {**r, "cold_penalty_s": 12.0, "decode_cold_s": 4.0}
+    write_pipeline_results(_payload([dense, radial], "compose"), tmp_path / "c")
+    md = (tmp_path / "c.md").read_text()
+    # steady 63 vs 48 s; cold 60 + 2 + 4 = 66 vs 45 + 12 + 4 = 61 s
+    assert "| 48.0 | 47.0 | +2.3% | 1.31x | 61.0 | 1.08x | +27.1% |" in md
+    assert "| dense |  | 63.0 | - | - | 1.00x | 66.0 | 1.00x | +4.8% |" in md
+    assert composed_s(dense, "cold") == 66.0 and composed_s(r, "cold") is None
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -332,3 +351,32 @@ def test_pareto_joins_full_call_and_composed_results_each_against_its_own_dense(
         pareto.points([cache_only], quality, "m", "steady")
     out = pareto.plot(list(pts.values()), tmp_path / "p.png", "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_summarize_rewrites_the_summary_of_merged_rows_without_generating(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "quality_pipeline.py"
+    spec = importlib.util.spec_from_file_location("quality_pipeline", path)
+    qp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qp)
+    texts = qp.prompts(3)
+    rows = [{"label": "radial", "config": "radial", "prompt": t, "device": d, "psnr": v, "ssim": 0.9, "caption_ok": ok}
+            for t, d, v, ok in zip(texts, ("cuda", "cuda", "cpu"), (30.0, 32.0, 34.0), (True, False, True), strict=True)]  # fmt: skip
+    rows.append(
+        {
+            "label": "radial",
+            "config": "radial",
+            "prompt": "not among the first 3",
+            "device": "cpu",
+            "psnr": 0.0,
+            "ssim": 0.0,
+        }
+    )
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert qp.main(["--out", str(tmp_path), "--prompts", "3", "--configs", "radial", "--summarize"]) == 0
+    (s,) = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert s["videos"] == 3 and s["devices"] == {"cpu": 1, "cuda": 2} and s["captions_passed"] == 2
+    assert s["psnr"]["mean"] == pytest.approx(32.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 3 (cpu 1, cuda 2) | 2 |" in md and "run on cpu, cuda" in md

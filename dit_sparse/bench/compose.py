@@ -260,14 +260,18 @@ def time_kinds(
     inputs: dict[str, Any],
     repeats: int = 2,
     log: Callable[[str], None] = print,
+    first: list[tuple[str, float]] | None = None,
 ) -> dict[str, float]:
     """Milliseconds of one forward of each kind: ``steps`` driven once untimed (compilation, autotuning, the
-    method's per-process plans), then ``repeats`` times timed; the median over every timed forward of a kind."""
+    method's per-process plans), then ``repeats`` times timed; the median over every timed forward of a kind.
+    ``first`` receives the (kind, ms) of every forward of the untimed pass (see :func:`cold_penalty_s`)."""
     times: dict[str, list[float]] = {}
     for rep in range(repeats + 1):
         timed = _timed_pass(transformer, timesteps, schedule, steps, inputs)
         if rep == 0:
             log(f"   skeleton steps {list(steps)}: untimed pass {sum(ms for _, ms in timed) / 1e3:.1f} s")
+            if first is not None:
+                first.extend(timed)
             continue
         for kind, ms in timed:
             times.setdefault(kind, []).append(ms)
@@ -299,6 +303,14 @@ def compose(schedule: Schedule, kind_ms: dict[str, float], rest_s: float) -> flo
     if missing:
         raise ValueError(f"no time for the step kind(s) {', '.join(missing)}; time every kind of the schedule")
     return rest_s + sum(n * kind_ms[kind] for kind, n in schedule.counts().items()) / 1e3
+
+
+def cold_penalty_s(first: Sequence[tuple[str, float]], kind_ms: dict[str, float]) -> float:
+    """Seconds a cold generation spends beyond the steady one in its forwards: the skeleton's untimed pass, run in
+    a new process on empty caches, is the first forward of every kind (Triton JIT, autotuning, inductor, the
+    per-process plans, cuDNN / cuBLAS set-up); each forward's excess over its kind's steady time, summed. Every later
+    forward of a kind finds that work done, so the cold whole is the steady composition plus this."""
+    return sum(ms - kind_ms[kind] for kind, ms in first) / 1e3
 
 
 def dense_schedule(num_steps: int, passes: Sequence[str]) -> Schedule:

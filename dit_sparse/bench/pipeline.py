@@ -26,8 +26,10 @@ peak GPU memory of the denoising.
 Composition (``compose=True``): per configuration, one process times each kind of step of its schedule
 (:mod:`dit_sparse.bench.compose`), the pipeline without the transformer (a stub forward: scheduler steps, CFG
 combination, latent preparation) and one VAE decode, and composes the whole; ``measure=True`` also runs one real
-full call in the same process and prints ``composed X s, measured Y s, diff Z%``. Step caches decide at run time
-which steps to skip: they are not composed (their row says so).
+full call in the same process and prints ``composed X s, measured Y s, diff Z%``. The process starts on empty
+caches, so it also composes the cold generation: the steady whole, plus each kind's first forward's excess over
+its steady time (:func:`~dit_sparse.bench.compose.cold_penalty_s`), with the process's first VAE decode in place of
+a steady one. Step caches decide at run time which steps to skip: they are not composed (their row says so).
 
 Results go to ``<out>.json`` and ``<out>.md`` after every configuration (a cut-off run keeps what it finished);
 progress lines are printed as it goes.
@@ -377,7 +379,7 @@ def worker(job: dict[str, Any], out: Path) -> None:
 
 def _compose_worker(pipe: Any, pm: PipelineModel, config: Config, kwargs: dict, job: dict, result: dict,
                     save: Callable[[], None]) -> None:  # fmt: skip
-    from dit_sparse.bench.compose import compose, time_kinds
+    from dit_sparse.bench.compose import cold_penalty_s, compose, time_kinds
 
     steps = job["steps"]
     result["rest_s"] = rest_s(pipe, kwargs)
@@ -388,8 +390,9 @@ def _compose_worker(pipe: Any, pm: PipelineModel, config: Config, kwargs: dict, 
     timesteps = [float(t) for t in pipe.scheduler.timesteps]
     spec = MODELS[pm.model]
     inputs, _ = spec.make_inputs(pipe.transformer, spec.shapes[pm.shape], pipe.device, torch.bfloat16)
+    first: list[tuple[str, float]] = []
     with context():
-        kind_ms = time_kinds(pipe.transformer, timesteps, schedule, skeleton, inputs, job["repeats"])
+        kind_ms = time_kinds(pipe.transformer, timesteps, schedule, skeleton, inputs, job["repeats"], first=first)
     _report_fields(pipe)
     result.update(
         kinds=[
@@ -398,17 +401,20 @@ def _compose_worker(pipe: Any, pm: PipelineModel, config: Config, kwargs: dict, 
         ],  # fmt: skip
         skeleton=skeleton,
         composed_denoise_s=compose(schedule, kind_ms, result["rest_s"]),
+        cold_penalty_s=cold_penalty_s(first, kind_ms),
     )
     save()
+    latents = torch.randn(1, 16, *_latent_grid(pm), device=pipe.device)
+    result["decode_cold_s"] = decode_s(pipe, latents)  # the process's first decode; the next one is steady
     if job.get("measure"):
         row, latents = timed_call(pipe, kwargs, context)
         row.update(decode_s=decode_s(pipe, latents), **_report_fields(pipe))
         result["calls"].append(row)
         result["measured_denoise_s"] = row["denoise_s"]
         result["diff_pct"] = 100.0 * (result["composed_denoise_s"] / row["denoise_s"] - 1.0)
+        result["decode_s"] = row["decode_s"]
     else:
-        latents = torch.randn(1, 16, *_latent_grid(pm), device=pipe.device)
-    result["decode_s"] = result["calls"][-1]["decode_s"] if result["calls"] else decode_s(pipe, latents)
+        result["decode_s"] = decode_s(pipe, latents)
     save()
     print(f"   {config.text}: {composition_line(result)}", flush=True)
 

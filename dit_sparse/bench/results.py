@@ -187,26 +187,36 @@ def _penalty(first: float | None, steady: float | None) -> str:
     return f"{100.0 * (first / steady - 1.0):+.1f}%" if first and steady else ""
 
 
+def composed_s(row: dict, timing: str = "steady") -> float | None:
+    """Seconds of a composed whole generation (denoising + decode) at ``timing`` ("steady" or "cold"; None when the
+    row lacks it)."""
+    if row.get("composed_denoise_s") is None:
+        return None
+    if timing == "steady":
+        return row["composed_denoise_s"] + row.get("decode_s", 0.0)
+    if timing == "cold" and row.get("cold_penalty_s") is not None and row.get("decode_cold_s") is not None:
+        return row["composed_denoise_s"] + row["cold_penalty_s"] + row["decode_cold_s"]
+    return None
+
+
 def format_compose_table(rows: list[dict]) -> str:
     """Markdown table of one model's composed rows (denoising + decode; ratios vs the composed ``dense``)."""
-
-    def total(r: dict, key: str) -> float | None:
-        return r[key] + r.get("decode_s", 0.0) if r.get(key) is not None else None
-
     dense = next((r for r in rows if r["config"] == "dense" and not r.get("error")), None)
-    ref = total(dense, "composed_denoise_s") if dense else None
+    ref = {t: composed_s(dense, t) if dense else None for t in ("steady", "cold")}
     lines = [
-        "| config | step kinds (forwards × ms) | composed s | measured s | diff | composed vs dense | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| config | step kinds (forwards × ms) | composed s | measured s | diff | composed vs dense | "
+        "composed cold s | cold vs dense | cold penalty | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         kinds = "; ".join(f"{k['kind']} {k['forwards']} × {k['forward_ms']:.0f}" for k in r.get("kinds", []))
         diff = f"{r['diff_pct']:+.1f}%" if r.get("diff_pct") is not None else "-"
         note = f"FAILED: {r['error']}" if r.get("error") else ""
-        composed = total(r, "composed_denoise_s")
+        steady, cold = composed_s(r), composed_s(r, "cold")
+        measured = r["measured_denoise_s"] + r.get("decode_s", 0.0) if r.get("measured_denoise_s") is not None else None
         lines.append(
-            f"| {r['config']} | {kinds} | {_s(composed)} | {_s(total(r, 'measured_denoise_s'))} | {diff} | "
-            f"{_ratio(ref, composed)} | {note} |"
+            f"| {r['config']} | {kinds} | {_s(steady)} | {_s(measured)} | {diff} | {_ratio(ref['steady'], steady)} | "
+            f"{_s(cold)} | {_ratio(ref['cold'], cold)} | {_penalty(cold, steady)} | {note} |"
         )
     return "\n".join(lines)
 
@@ -235,7 +245,9 @@ def write_pipeline_results(payload: dict, out: Path) -> None:
     else:
         md.append("Composed = every forward at the time of its step kind (derived from the method's own schedule on "
                   "a tiny model of the same class) + the pipeline without its transformer + one VAE decode; "
-                  "measured = one full call in the same process (steady).")  # fmt: skip
+                  "measured = one full call in the same process (steady). Composed cold = composed + each kind's "
+                  "first forward's excess over its steady time in that process (new, on empty Triton, inductor and "
+                  "tuning caches) + the process's first VAE decode.")  # fmt: skip
     for run in payload["runs"]:
         table = format_compose_table(run["rows"]) if compose else format_pipeline_table(run["rows"])
         md += ["", f"## {run['pipeline']}", "", table]

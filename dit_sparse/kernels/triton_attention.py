@@ -58,9 +58,9 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
-_FP8_MAX = tl.constexpr(FP8_MAX)
 _MAGIC = tl.constexpr(ROUND_MAGIC)
 _MAGIC_BITS = tl.constexpr(0x4B400000)  # ROUND_MAGIC's fp32 bits: int i + these bits, read as fp32, is M + i
+_LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -69,30 +69,38 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
     """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED.
 
-    FP8: q, k are int8 and v fp8 (all fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale; the
-    int32 scores become fp32 exactly through :data:`ROUND_MAGIC` (an integer add and a bit cast);
-    P goes to fp8 with the scale 448 (undone with V's scale on the output) and the tile's P·V is added to ``acc`` in
-    fp32 (Hopper's fp8 MMA accumulates in reduced precision: only a tile's BLOCK_N products are summed there)."""
-    if IEEE:
+    FP8: q, k are int8 and v fp8 (all fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale. The
+    int32 scores plus :data:`ROUND_MAGIC`'s bits, read as fp32, are ``M + s`` exactly; ``M · scale`` and P's fp8
+    scale 448 (``log2 448``) go into the row's exponent offset, so each score costs one integer add and one FMA
+    before its ``exp2`` (the row sums ``l_i`` carry the 448). P goes to fp8 and the tile's P·V is added to ``acc``
+    in fp32 (Hopper's fp8 MMA accumulates in reduced precision: only a tile's BLOCK_N products are summed there)."""
+    if FP8:
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") + _MAGIC  # exact: integers below 2^22
+        else:
+            qk = (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + _MAGIC_BITS).to(tl.float32, bitcast=True)
+    elif IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    elif FP8:
-        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-        qk = (qk + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
     else:
         qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(keep, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # fully masked rows so far: keep p = 0, not NaN
+    if FP8:
+        m_ij = tl.maximum(m_i, (tl.max(qk, 1) - _MAGIC) * qk_scale)
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = m_ij
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    m_use = m_ij
+    if MASKED:
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # fully masked rows so far: keep p = 0, not NaN
+    if FP8:
+        p = tl.math.exp2(qk * qk_scale - (m_use + (_MAGIC * qk_scale - _LOG2_FP8_MAX))[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if FP8:
-        p8 = to_fp8(p * _FP8_MAX, IEEE)  # IEEE: the interpreter (exact cast there)
+        p8 = to_fp8(p, IEEE)  # IEEE: the interpreter (exact cast there)
         if IEEE:
             acc += tl.dot(p8.to(tl.float32), v, input_precision="ieee")
         else:
@@ -347,12 +355,15 @@ def _block_sparse_fwd(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    if FP8:  # V's channel scales, and P's
-        out = out * (tl.load(V_SCALE + bh * HEAD_D + offs_d) * (1.0 / _FP8_MAX))[None, :]
+    if FP8:  # V's channel scales (P's 448 is in l_i)
+        out = out * tl.load(V_SCALE + bh * HEAD_D + offs_d)[None, :]
     o_ptrs = Out + b64 * sob + h64 * soh + q_rows[:, None] * son + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        lse = m_i + tl.math.log2(l_safe)
+        if FP8:
+            lse -= _LOG2_FP8_MAX
+        lse *= 0.6931471805599453
         if FP8:  # K's smoothing moved every score of a row by softmax scale · q·mean(K): the LSE gets it back
             lse += tl.load(Q_DOT_MEAN + bh * (tl.cdiv(N, BLOCK_M * Q_SUB) * BLOCK_M * Q_SUB) + offs_m)
         lse = tl.where(empty, float("-inf"), lse)
