@@ -189,6 +189,21 @@ def test_time_kinds_times_every_kind_of_the_skeleton(tiny: tuple) -> None:
     assert C.cold_penalty_s(first, kind_ms) == pytest.approx(sum(ms - kind_ms[k] for k, ms in first) / 1e3)
 
 
+def test_tuning_counts_cover_the_attention_and_block_mass_tuners(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    logs = {name: [{"key": (1,), "config": "a", "ms": 1.0}] for name in P.TUNED_KERNELS}
+    for name, log in logs.items():
+        monkeypatch.setitem(sys.modules, name, SimpleNamespace(TUNER=SimpleNamespace(log=log)))
+    marks = P.tuning_marks()
+    attention, mass = (logs[name] for name in P.TUNED_KERNELS)
+    attention += [{"key": (2,), "config": "a", "ms": 1.0}, {"key": (2,), "config": "b", "ms": 2.0},
+                  {"key": (3,), "config": "a", "cached": "file"}]  # fmt: skip
+    mass += [{"key": (2,), "config": "a", "ms": 1.0}]  # the same key tuple in another kernel: another key
+    assert P.tuning_since(marks) == {"tuned_keys": 2, "stored_keys": 1}
+
+
 def test_cold_penalty_is_each_first_forwards_excess_over_its_kind() -> None:
     first = [("dense", 900.0), ("dense", 110.0), ("sparse", 2050.0), ("sparse", 60.0)]
     assert C.cold_penalty_s(first, {"dense": 100.0, "sparse": 50.0}) == pytest.approx((800 + 10 + 2000 + 10) / 1e3)
@@ -271,11 +286,11 @@ def test_compose_results_print_composed_and_measured(tmp_path: Path) -> None:
     assert "| radial | dense 24 × 600 | 48.0 | 47.0 | +2.3% |" in md
     dense = {"config": "dense", "composed_denoise_s": 60.0, "decode_s": 3.0, "cold_penalty_s": 2.0,
              "decode_cold_s": 4.0}  # fmt: skip
-    radial = {**r, "cold_penalty_s": 12.0, "decode_cold_s": 4.0}
+    radial = {**r, "cold_penalty_s": 12.0, "decode_cold_s": 4.0, "tuned_keys": 2, "stored_keys": 5}
     write_pipeline_results(_payload([dense, radial], "compose"), tmp_path / "c")
     md = (tmp_path / "c.md").read_text()
     # steady 63 vs 48 s; cold 60 + 2 + 4 = 66 vs 45 + 12 + 4 = 61 s
-    assert "| 48.0 | 47.0 | +2.3% | 1.31x | 61.0 | 1.08x | +27.1% |" in md
+    assert "| 48.0 | 47.0 | +2.3% | 1.31x | 61.0 | 1.08x | +27.1% | 2 / 5 |" in md
     assert "| dense |  | 63.0 | - | - | 1.00x | 66.0 | 1.00x | +4.8% |" in md
     assert composed_s(dense, "cold") == 66.0 and composed_s(r, "cold") is None
 

@@ -205,8 +205,8 @@ def format_compose_table(rows: list[dict]) -> str:
     ref = {t: composed_s(dense, t) if dense else None for t in ("steady", "cold")}
     lines = [
         "| config | step kinds (forwards × ms) | composed s | measured s | diff | composed vs dense | "
-        "composed cold s | cold vs dense | cold penalty | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "composed cold s | cold vs dense | cold penalty | cold keys tuned / stored | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         kinds = "; ".join(f"{k['kind']} {k['forwards']} × {k['forward_ms']:.0f}" for k in r.get("kinds", []))
@@ -214,9 +214,10 @@ def format_compose_table(rows: list[dict]) -> str:
         note = f"FAILED: {r['error']}" if r.get("error") else ""
         steady, cold = composed_s(r), composed_s(r, "cold")
         measured = r["measured_denoise_s"] + r.get("decode_s", 0.0) if r.get("measured_denoise_s") is not None else None
+        keys = f"{r['tuned_keys']} / {r['stored_keys']}" if "tuned_keys" in r else ""
         lines.append(
             f"| {r['config']} | {kinds} | {_s(steady)} | {_s(measured)} | {diff} | {_ratio(ref['steady'], steady)} | "
-            f"{_s(cold)} | {_ratio(ref['cold'], cold)} | {_penalty(cold, steady)} | {note} |"
+            f"{_s(cold)} | {_ratio(ref['cold'], cold)} | {_penalty(cold, steady)} | {keys} | {note} |"
         )
     return "\n".join(lines)
 
