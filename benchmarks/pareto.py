@@ -6,9 +6,9 @@
         --out benchmarks/results/pareto-X.png
 
 Speedup = dense's whole generation (denoising + decode) / the configuration's, each against the dense of its own
-results file (same run and timing; a composed file's rows give steady and, where recorded, cold figures); a file without a dense row takes
-the dense of the file before it (give the files of one device call in a row); a configuration in several files keeps
-its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
+results file (same run and timing; a composed file's rows give steady and, where recorded, cold figures); a file
+without a dense row takes the dense of the file before it (give the files of one device call in a row); a
+configuration in several files keeps its first. PSNR as a mean with its 95% interval (error bars). Dense itself (1.0x, PSNR infinite) is not
 drawn. Configurations without a quality row (``+compile``) take their eager configuration's quality (compile computes
 the same thing).
 """

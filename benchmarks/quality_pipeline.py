@@ -25,6 +25,7 @@ import dataclasses
 import math
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, 
             "ssim": interval([r["ssim"] for r in ok]),
             "caption": interval([float(r["caption_ok"]) for r in ok if r.get("caption_ok") is not None]),
             "captions_passed": sum(bool(r.get("caption_ok")) for r in ok),
-            "devices": {d: sum(r.get("device") == d for r in ok) for d in sorted({str(r.get("device")) for r in ok})},
+            "devices": dict(sorted(Counter(str(r.get("device")) for r in ok).items())),
             "density": interval([r["density"] for r in ok if r.get("density") is not None]),
             "effective_density": interval([r["effective_density"] for r in ok if r.get("effective_density") is not None]),
             "psnr_vs_bf16": interval([r["psnr_vs_bf16"] for r in ok if r.get("psnr_vs_bf16") is not None]),
