@@ -35,6 +35,7 @@ from dit_sparse.methods.svdit import SvditConfigError
 from dit_sparse.methods.svdit_search import FEEDS, SELECTIONS
 from dit_sparse.pipelines import supported_models
 from dit_sparse.preflight import CLIError
+from dit_sparse.tune import KERNELS as TUNE_KERNELS
 from dit_sparse.tune import TuneError
 
 PROG = "dit-sparse"
@@ -333,8 +334,8 @@ def _bhn(text: str) -> tuple[int, int, int]:
 def _add_tune(sub: Any) -> None:
     t = sub.add_parser(
         "tune",
-        help="pre-tune the Triton attention kernel into the tuning cache (CUDA only)",
-        description="Times the kernel's configurations at the given problems and stores the fastest in "
+        help="pre-tune the Triton kernels into the tuning cache (CUDA only)",
+        description="Times the kernels' configurations at the given problems and stores the fastest in "
         "$DIT_SPARSE_TUNING_CACHE (default ~/.cache/dit_sparse/tuning), so that a new process skips autotuning.",
     )
     t.add_argument("--shapes", nargs="+", type=_bhn, required=True, help="BATCH,HEADS,SEQ_LEN, e.g. 2,12,32760")
@@ -343,6 +344,16 @@ def _add_tune(sub: Any) -> None:
     t.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.125, 0.0625])
     t.add_argument("--blocks", nargs="+", type=_positive, default=[128], help="block sizes (default 128)")
     t.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["bf16"], help="default bf16")
+    t.add_argument(
+        "--orders",
+        nargs="+",
+        choices=["natural", "permuted"],
+        default=["natural", "permuted"],
+        help="plans in the model's token order and with a token order (draft, svdit); default both",
+    )
+    t.add_argument("--kernels", nargs="+", choices=list(TUNE_KERNELS), default=list(TUNE_KERNELS),
+                   help="attention (every density, order and precision) and block-mass (AdaSpa's search, LSE "
+                   "computed and given); default both")  # fmt: skip
     t.add_argument("--export", type=Path, metavar="FOLDER",
                    help="then write this machine's tuning file into FOLDER as a shippable table (GPU name + triton "
                    "version; the package ships dit_sparse/kernels/tuned/)")  # fmt: skip

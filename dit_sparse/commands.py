@@ -332,7 +332,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    """Pre-tune the Triton attention kernel (:func:`dit_sparse.tune.tune`); one line per problem."""
+    """Pre-tune the Triton kernels (:func:`dit_sparse.tune.tune`); one line per problem."""
     import torch  # noqa: PLC0415
 
     from dit_sparse.kernels.tuning_cache import cache_path, export_table, table_stamp  # noqa: PLC0415
@@ -347,6 +347,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         args.densities,
         blocks=args.blocks,
         precisions=args.precisions,
+        permuted=[order == "permuted" for order in dict.fromkeys(args.orders)],
+        kernels=args.kernels,
     )
     for row in rows:
         print("  ".join(f"{k}={v}" for k, v in row.items()))

@@ -195,13 +195,16 @@ def test_tuning_counts_cover_the_attention_and_block_mass_tuners(monkeypatch: py
 
     logs = {name: [{"key": (1,), "config": "a", "ms": 1.0}] for name in P.TUNED_KERNELS}
     for name, log in logs.items():
-        monkeypatch.setitem(sys.modules, name, SimpleNamespace(TUNER=SimpleNamespace(log=log)))
+        tuner = SimpleNamespace(log=log, kernel=name.rsplit(".", 1)[1])
+        monkeypatch.setitem(sys.modules, name, SimpleNamespace(TUNER=tuner))
     marks = P.tuning_marks()
     attention, mass = (logs[name] for name in P.TUNED_KERNELS)
     attention += [{"key": (2,), "config": "a", "ms": 1.0}, {"key": (2,), "config": "b", "ms": 2.0},
                   {"key": (3,), "config": "a", "cached": "file"}]  # fmt: skip
     mass += [{"key": (2,), "config": "a", "ms": 1.0}]  # the same key tuple in another kernel: another key
-    assert P.tuning_since(marks) == {"tuned_keys": 2, "stored_keys": 1}
+    assert P.tuning_since(marks) == {
+        "tuned_keys": 2, "stored_keys": 1, "tuned": ["block_mass (2,)", "triton_attention (2,)"]
+    }  # fmt: skip
 
 
 def test_cold_penalty_is_each_first_forwards_excess_over_its_kind() -> None:

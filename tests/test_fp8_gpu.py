@@ -1,14 +1,22 @@
 """precision='fp8' on the GPU (Hopper sm90 or newer; skipped elsewhere): the compiled fp8 kernel against the torch
 emulation and fp32 attention, every fp8 candidate configuration (pointer and TMA loads), full / random / permuted
-plans, tails, padded keys, skipped heads, D64 and D128, batch 2."""
+plans, tails, padded keys, skipped heads, D64 and D128, batch 2.
+
+Run this file on its own with ``TRITON_INTERPRET=0`` (``TRITON_INTERPRET=0 python -m pytest tests/test_fp8_gpu.py``):
+the test session's conftest turns Triton's CPU interpreter on for every other test, and the kernels read that
+setting when they are imported."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
     pytest.skip("needs a CUDA GPU of capability 9.0 (Hopper) or newer", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiled kernels: run this file alone with TRITON_INTERPRET=0", allow_module_level=True)
 
 from dit_sparse.kernels import AttentionCall, block_sparse_attention
 from dit_sparse.kernels.quant import quantize_fp8, quantize_fp8_reference
@@ -16,11 +24,6 @@ from dit_sparse.kernels.triton_attention import _fitted, triton_block_attention
 from dit_sparse.plan import HEAD_SKIP, BlockPlan
 
 DEV = "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def _rel(a, b):

@@ -105,6 +105,8 @@ def test_pre_tuning_says_it_needs_cuda_and_the_cache(monkeypatch):
 
     with pytest.raises(TuneError, match="tune needs a CUDA GPU .*got device cpu"):
         tune([(1, 2, 256)], device="cpu")
+    with pytest.raises(TuneError, match="unknown kernel.* flash; choose among attention, block-mass"):
+        tune([(1, 2, 256)], kernels=["flash"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv(ENV, "off")
     with pytest.raises(TuneError, match=f"the tuning cache is off .*unset {ENV}"):

@@ -268,6 +268,20 @@ def test_export_writes_the_machines_file_as_a_table_and_never_overwrites(tables,
         tc.export_table(tmp_path / "t2", source=tmp_path / "missing.json")
 
 
+def test_export_adds_the_machines_entries_to_the_shipped_table(tables, folder, tmp_path):
+    shipped = {"toy": {'[64, "bf16"]': {"config": "c", "ms": 2.0}, '[32, "bf16"]': {"config": "a", "ms": 5.0}},
+               "other": {'[1]': {"config": "x", "ms": 1.0}}}  # fmt: skip
+    _ship(tables, {"format": 1, "machine": TABLE_STAMP, "kernels": shipped})
+    _write(folder, {"format": 1, "machine": STAMP, "kernels": {"toy": {'[64, "bf16"]': {"config": "b", "ms": 1.0},
+                                                                     '[128, "bf16"]': {"config": "a", "ms": 3.0}}}})  # fmt: skip
+    data = json.loads(tc.export_table(tmp_path / "out").read_text())
+    assert data["kernels"] == {
+        "toy": {'[64, "bf16"]': {"config": "b", "ms": 1.0}, '[32, "bf16"]': {"config": "a", "ms": 5.0},
+                '[128, "bf16"]': {"config": "a", "ms": 3.0}},
+        "other": {'[1]': {"config": "x", "ms": 1.0}},
+    }  # fmt: skip
+
+
 def test_the_package_ships_a_well_formed_h200_table():
     shipped = sorted(tc.TABLES_FOLDER.glob("*.json"))
     assert [p.name for p in shipped] == ["gpu-nvidia-h200-triton-3-6.json"]
@@ -281,6 +295,8 @@ def test_the_package_ships_a_well_formed_h200_table():
     entries = kernels["triton block-sparse attention"]
     assert len(entries) >= 70
     assert all(len(tc.key_from_json(k)) == len(TuneKey._fields) for k in entries)
+    mass = kernels["triton block mass"]  # AdaSpa's search: (head dim, dtype, block, LSE computed, size bucket)
+    assert {tuple(tc.key_from_json(k)[2:4]) for k in mass} == {(64, True), (64, False)}
 
 
 def test_wheels_carry_the_shipped_tables():

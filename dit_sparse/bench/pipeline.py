@@ -287,12 +287,15 @@ def tuning_marks() -> dict[str, int]:
 
 def tuning_since(marks: dict[str, int]) -> dict[str, int]:
     """Keys the kernels found since ``marks``: ``tuned_keys`` timed now, ``stored_keys`` read from the tuning file or
-    the shipped table (a key counted once per kernel)."""
-    new = [(name, e) for name in TUNED_KERNELS if name in sys.modules
+    the shipped table (a key counted once per kernel), and ``tuned`` (``"kernel key"`` of each timed key: what a
+    shipped table lacks)."""
+    new = [(sys.modules[name].TUNER.kernel, e) for name in TUNED_KERNELS if name in sys.modules
            for e in sys.modules[name].TUNER.log[marks.get(name, 0):]]  # fmt: skip
+    tuned = sorted({f"{kernel} {e['key']}" for kernel, e in new if "cached" not in e})
     return {
-        "tuned_keys": len({(name, str(e["key"])) for name, e in new if "cached" not in e}),
-        "stored_keys": len({(name, str(e["key"])) for name, e in new if "cached" in e}),
+        "tuned_keys": len(tuned),
+        "stored_keys": len({(kernel, str(e["key"])) for kernel, e in new if "cached" in e}),
+        "tuned": tuned,
     }
 
 

@@ -15,7 +15,7 @@ key is retuned. Writes re-read the file and merge (another process may have adde
 atomically; two processes writing in the same instant can still lose one entry, which is then retuned once.
 
 **Shipped tables.** The package ships tuned tables (``dit_sparse/kernels/tuned/*.json``, made with ``dit-sparse tune
---export``) for the shapes its benchmarks use. A table is stamped with the GPU name and the triton version only
+--export``, which adds this machine's entries to the shipped table) for the shapes its benchmarks use. A table is stamped with the GPU name and the triton version only
 (:func:`table_stamp`): the configuration choice does not depend on the driver or torch. A key missing from this
 machine's file is looked up in the table of the same GPU name and triton major.minor (the file named after that
 stamp; tables of other GPUs are never read) before it is timed; a table's answer is not copied into the machine's
@@ -226,7 +226,9 @@ def shipped_table() -> Path | None:
 
 def export_table(folder: Path, source: Path | None = None) -> Path:
     """Write this machine's tuning file (or ``source``, a tuning file of this machine's stamp) into ``folder`` as a
-    shippable table stamped with :func:`table_stamp` (named after it); returns its path. Refuses to overwrite it."""
+    shippable table stamped with :func:`table_stamp` (named after it), merged into the shipped table of that stamp
+    when the package has one (an entry of the file wins over the table's: it was timed on this machine, after the
+    table was made); returns its path. Refuses to overwrite it."""
     if source is None:
         current = TuningFile.current()
         source = current.path if current is not None else None
@@ -238,7 +240,11 @@ def export_table(folder: Path, source: Path | None = None) -> Path:
     path = cache_path(folder, table_stamp())
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it or choose another folder")
-    atomic_write_json(path, {"format": FORMAT, "machine": table_stamp(), "kernels": kernels})
+    table = shipped_table()
+    merged = _read(table, table_stamp()) if table is not None else {}
+    for kernel, entries in kernels.items():
+        merged.setdefault(kernel, {}).update(entries)
+    atomic_write_json(path, {"format": FORMAT, "machine": table_stamp(), "kernels": merged})
     return path
 
 
