@@ -355,8 +355,9 @@ def _add_tune(sub: Any) -> None:
                    help="attention (every density, order and precision) and block-mass (AdaSpa's search, LSE "
                    "computed and given); default both")  # fmt: skip
     t.add_argument("--export", type=Path, metavar="FOLDER",
-                   help="then write this machine's tuning file into FOLDER as a shippable table (GPU name + triton "
-                   "version; the package ships dit_sparse/kernels/tuned/)")  # fmt: skip
+                   help="then write the shipped table of this GPU (if any) with this machine's tuning file added "
+                   "into FOLDER as a shippable table (GPU name + triton version; the package ships "
+                   "dit_sparse/kernels/tuned/)")  # fmt: skip
     t.set_defaults(func=commands.cmd_tune)
 
 

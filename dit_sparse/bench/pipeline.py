@@ -285,7 +285,7 @@ def tuning_marks() -> dict[str, int]:
     return {name: len(sys.modules[name].TUNER.log) for name in TUNED_KERNELS if name in sys.modules}
 
 
-def tuning_since(marks: dict[str, int]) -> dict[str, int]:
+def tuning_since(marks: dict[str, int]) -> dict[str, Any]:
     """Keys the kernels found since ``marks``: ``tuned_keys`` timed now, ``stored_keys`` read from the tuning file or
     the shipped table (a key counted once per kernel), and ``tuned`` (``"kernel key"`` of each timed key: what a
     shipped table lacks)."""

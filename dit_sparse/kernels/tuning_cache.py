@@ -15,12 +15,12 @@ key is retuned. Writes re-read the file and merge (another process may have adde
 atomically; two processes writing in the same instant can still lose one entry, which is then retuned once.
 
 **Shipped tables.** The package ships tuned tables (``dit_sparse/kernels/tuned/*.json``, made with ``dit-sparse tune
---export``, which adds this machine's entries to the shipped table) for the shapes its benchmarks use. A table is stamped with the GPU name and the triton version only
-(:func:`table_stamp`): the configuration choice does not depend on the driver or torch. A key missing from this
-machine's file is looked up in the table of the same GPU name and triton major.minor (the file named after that
-stamp; tables of other GPUs are never read) before it is timed; a table's answer is not copied into the machine's
-file. ``DIT_SPARSE_TUNED_TABLES=off`` ignores the tables (e.g. to time an
-untuned cold start). A malformed table is ignored with a warning, like a malformed file.
+--export``, which adds this machine's entries to the shipped table) for the shapes its benchmarks use. A table is
+stamped with the GPU name and the triton version only (:func:`table_stamp`): the configuration choice does not
+depend on the driver or torch. A key missing from this machine's file is looked up in the table of the same GPU
+name and triton major.minor (the file named after that stamp; tables of other GPUs are never read) before it is
+timed; a table's answer is not copied into the machine's file. ``DIT_SPARSE_TUNED_TABLES=off`` ignores the tables
+(e.g. to time an untuned cold start). A malformed table is ignored with a warning, like a malformed file.
 """
 
 from __future__ import annotations
