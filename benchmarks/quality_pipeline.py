@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import random
 import statistics
 import sys
 from collections import Counter
@@ -56,10 +57,15 @@ T95 = 1.96  # normal approximation of the 95% interval (n = 50)
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` seeded captions of the embedded model's grammar."""
-    from dit_sparse.train.data import sample_scenes
+    """The first ``n`` distinct captions of the embedded model's grammar drawn from ``seed`` (a repeated caption would
+    be the same video twice: seed 0 repeats two among its first 50 draws)."""
+    from dit_sparse.train.data import sample_scene
 
-    return [s.caption for s in sample_scenes(seed, n)]
+    rng = random.Random(seed)
+    texts: dict[str, None] = {}
+    while len(texts) < n:
+        texts[sample_scene(rng).caption] = None
+    return list(texts)
 
 
 def interval(values: list[float]) -> dict[str, float | int | None]:
@@ -116,9 +122,12 @@ def run(pipe: Any, config: str, prompt: str, settings: Any, videos: dict[str, to
 
 
 def summarize(rows: list[dict[str, Any]], configs: list[str]) -> list[dict[str, Any]]:
+    """Mean and 95% interval per configuration; a (configuration, prompt) generated twice (runs merged) counts once,
+    its latest row."""
+    latest = {(r["config"], r["prompt"]): r for r in rows}
     out = []
     for config in configs:
-        rs = [r for r in rows if r["config"] == config]
+        rs = [r for (c, _), r in latest.items() if c == config]
         if not rs:
             continue
         errors = [r["error"] for r in rs if r.get("error")]
@@ -193,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize([r for r in rows if r["prompt"] in texts], configs)  # a longer earlier run: its first n
     skipped = [c for c in args.configs if c not in configs]
     devices = ", ".join(sorted({str(r.get("device")) for r in rows if r["prompt"] in texts}))
-    note = (f"embedded model, {len(texts)} seeded prompts (seed 0 each), run on {devices} (per row: column videos); "
+    steps = resolve_settings(args.steps, embedded=True).steps
+    note = (f"embedded model, {steps} denoising steps, {len(texts)} seeded prompts (seed 0 each), run on {devices} "
+            "(per row: column videos); "
             "PSNR/SSIM against the dense video of the same prompt on the same device; 95% intervals: mean ± 1.96 s/√n; "
             "methods at matched-density settings (column 2)"
             + (f"; {', '.join(skipped)}: compile computes what its eager configuration computes" if skipped else ""))  # fmt: skip
@@ -216,12 +227,14 @@ def generate_rows(rows: list[dict[str, Any]], rows_path: Path, texts: list[str],
         todo = [c for c in configs if (c, prompt) not in done]
         if not todo:
             continue
-        ref = generate(pipe, prompt, 0, settings, progress=False).video
+        dense = generate(pipe, prompt, 0, settings, progress=False)
+        ref = dense.video
         videos: dict[str, torch.Tensor] = {"dense": ref}
         for config in todo:
             row: dict[str, Any] = {"label": config, "config": config, "prompt": prompt, "seed": 0, "device": device}
             try:
-                g, row["setting"] = run(pipe, config, prompt, settings, videos)
+                # dense is the reference itself (same prompt, seed and settings): not generated twice
+                g, row["setting"] = (dense, None) if config == "dense" else run(pipe, config, prompt, settings, videos)
                 video = g.video
                 rep = g.report or {}
                 row.update(psnr=psnr(ref, video), ssim=ssim(ref, video), caption_ok=caption_ok(video, prompt),

@@ -293,7 +293,7 @@ def test_the_package_ships_a_well_formed_h200_table():
     from dit_sparse.kernels.triton_attention import TuneKey
 
     entries = kernels["triton block-sparse attention"]
-    assert len(entries) >= 70
+    assert len(entries) >= 50  # bf16 keys; its fp8 keys were dropped when the fp8 candidates changed (2026-12-05)
     assert all(len(tc.key_from_json(k)) == len(TuneKey._fields) for k in entries)
     mass = kernels["triton block mass"]  # AdaSpa's search: (head dim, dtype, block, LSE computed, size bucket)
     assert {tuple(tc.key_from_json(k)[2:4]) for k in mass} == {(64, True), (64, False)}

@@ -3,7 +3,7 @@
 One program computes ``BLOCK_M`` query rows of one (batch, head): it walks the plan's key-block list for its query
 block with an online softmax (fp32 accumulators, ``exp2`` with the scale folded in) and writes the output once.
 
-Design points (see ``.work/kernel-notes.md`` for the measurements behind them):
+Design points (the measurements behind them: ``benchmarks/results/kernels-*.md``):
 
 - **Layout.** q/k/v are ``[B, H, N, D]`` with any strides (Diffusers hands a BHND view of BNHD memory); the output
   is allocated in BNHD memory and returned as the BHND view, so the processor's following permute + flatten is free.
@@ -434,18 +434,34 @@ class KernelConfig:
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}"
 
 
-def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[KernelConfig]:
-    """Configurations the autotuner tries (before fitting them to the plan's block sizes)."""
+def candidate_configs(head_dim: int, dtype: torch.dtype, precision: str = "bf16") -> list[KernelConfig]:
+    """Configurations the autotuner tries (before fitting them to the plan's block sizes).
+
+    64-row query tiles (one warpgroup) lead for fp8 and for D64: their registers leave room for more resident
+    programs per SM, which hides the softmax behind the other programs' MMAs; fp8 at 128 rows and 4 warps spills (its
+    P·V tile has its own accumulator). H200, kernel alone, H12·N32760·D128 fp8 at density 1 / 0.25 / 0.05: 702 /
+    687 / 603 effective TFLOP/s with m64n128w4s3 against 602 / 585 / 515 with m128n128w8s3 (the best 128-row
+    one); bf16 at D64 (H48·N17550): 445 / 428 / 392 against 399 / 406 / 350
+    (``benchmarks/results/kernels-2026-12-05-m64.md``)."""
     if dtype == torch.float32:
         return [KernelConfig(64, 32, 4, 2)]
     if _INTERPRET:
         return [KernelConfig(32, 32, 4, 1)]
-    if head_dim <= 64:
+    if precision == "fp8":
         base = [
+            KernelConfig(64, 128, 4, 3),
+            KernelConfig(64, 128, 4, 2),
+            KernelConfig(64, 64, 4, 3),
+            KernelConfig(128, 128, 8 if head_dim > 64 else 4, 3),
+        ]
+    elif head_dim <= 64:
+        base = [
+            KernelConfig(64, 128, 4, 3),
             KernelConfig(128, 128, 8, 3),
             KernelConfig(128, 64, 4, 3),
             KernelConfig(128, 128, 4, 3),
             KernelConfig(128, 64, 4, 4),
+            KernelConfig(64, 64, 4, 3),
         ]
     else:
         base = [
@@ -674,7 +690,7 @@ def _fitted(
     d: int, dtype: torch.dtype, block_q: int, block_kv: int, precision: str = "bf16"
 ) -> tuple[KernelConfig, ...]:
     fitted: list[KernelConfig] = []
-    for c in candidate_configs(d, dtype):
+    for c in candidate_configs(d, dtype, precision):
         f = _fit(c, block_q, block_kv, min_n=FP8_MIN_TILE if precision == "fp8" else 16)
         if f is not None and f not in fitted:
             fitted.append(f)
