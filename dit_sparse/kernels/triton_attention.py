@@ -439,10 +439,9 @@ def candidate_configs(head_dim: int, dtype: torch.dtype, precision: str = "bf16"
 
     64-row query tiles (one warpgroup) lead for fp8 and for D64: their registers leave room for more resident
     programs per SM, which hides the softmax behind the other programs' MMAs; fp8 at 128 rows and 4 warps spills (its
-    P·V tile has its own accumulator). H200, kernel alone, H12·N32760·D128 fp8 at density 1 / 0.25 / 0.05: 702 /
-    687 / 603 effective TFLOP/s with m64n128w4s3 against 602 / 585 / 515 with m128n128w8s3 (the best 128-row
-    one); bf16 at D64 (H48·N17550): 445 / 428 / 392 against 399 / 406 / 350
-    (``benchmarks/results/kernels-2026-12-05-m64.md``)."""
+    P·V tile has its own accumulator). With them fp8 at H12·N32760·D128 went from 1.02x to 1.32x the bf16 kernel at
+    density 1 (675 effective TFLOP/s, pre-pass included, H100: ``benchmarks/results/kernels-2026-12-05-m64.md``),
+    and bf16 at D64 (H48·N17550) from 399 to 435."""
     if dtype == torch.float32:
         return [KernelConfig(64, 32, 4, 2)]
     if _INTERPRET:
