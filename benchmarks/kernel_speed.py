@@ -309,7 +309,7 @@ def run_shape(name: str, densities: list[float], args, results: dict) -> None:
         print(json.dumps(row), flush=True)
         del plan, plans[0]  # frees the plan's derived data (flex's BlockMask) before the next one
 
-    if fp8:  # the quantization pre-pass alone (it reads q, k, v twice and writes their 8-bit copies)
+    if fp8:  # the quantization pre-pass alone (it reads q, k, v and writes their 8-bit copies)
         from dit_sparse.kernels.quant import quantize_fp8
 
         full = BlockPlan.full(n, BLOCK, device=dev)

@@ -91,8 +91,9 @@ def test_prepass_equals_the_emulation(b, h, n, d, bq, bkv, perm, dtype, with_lse
     k_deq = x.k.float()[:, :, :n] * x.k_scale.repeat_interleave(bkv, -1)[:, :, :n, None]
     k_smooth = k.float()[:, :, order] - r.k_mean[:, :, None, :]
     assert _rel(k_deq, k_smooth) < 0.05
-    assert float(k_smooth.mean(2).abs().max()) < 1e-3 * float(k.float().abs().max())
-    v_deq = x.vt.float()[..., :n].transpose(-1, -2) * x.v_scale[:, :, None, :]
+    # the sample mean removes the offset (8·N(0, 1) per channel) up to the sample's error (unit spread over 8)
+    assert float(k_smooth.mean(2).abs().max()) < 0.6 < 0.1 * float(k.float().mean(2).abs().max())
+    v_deq = x.vt.float()[..., :n].transpose(-1, -2) * x.v_scale.repeat_interleave(bkv, -1)[:, :, :n, None]
     assert _rel(v_deq, v.float()[:, :, order]) < 0.05
     q_deq = x.q.float()[:, :, :n] * x.q_scale.repeat_interleave(bq, -1)[:, :, :n, None]
     assert _rel(q_deq / (d**-0.5 * 1.4426950408889634), q.float()[:, :, order]) < 0.05
@@ -105,6 +106,37 @@ def test_an_all_zero_block_gets_zeros_and_finite_scales():
     out, lse = block_sparse_attention(q, k, v, BlockPlan.full(64, 32), backend="reference", return_lse=True,
                                       precision="fp8")  # fmt: skip
     assert not out.any() and torch.allclose(lse, torch.full_like(lse, 64.0).log())
+
+
+def test_v_scales_are_the_smallest_powers_of_two_that_fit():
+    from dit_sparse.kernels.quant import _pow2_scale
+
+    g = torch.Generator().manual_seed(6)
+    edges = torch.tensor([448.0, 224.0, 1.0, 2.0**-40, 448 * (1 + 2.0**-23), 448 * (1 - 2.0**-24), 3e4, 1e-9])
+    absmax = torch.cat([edges, torch.exp(torch.empty(4000).uniform_(-60, 60, generator=g))])
+    s, inv = _pow2_scale(absmax)
+    mant, _ = torch.frexp(s)
+    assert (mant == 0.5).all() and torch.equal(s * inv, torch.ones_like(s))  # powers of two, exact inverses
+    assert (absmax <= 448 * s).all() and (absmax > 224 * s).all()  # fits, and half of it would not
+    assert s[0] == 1 and s[1] == 0.5 and s[4] == 2
+
+
+@needs_triton
+def test_fp8_kernel_with_v_blocks_far_apart_in_magnitude():
+    """The kernel's P·V sum changes units from key block to key block: an all-zero V block and blocks 10⁴ apart."""
+    from dit_sparse.kernels.triton_attention import KernelConfig, triton_block_attention
+
+    b, h, n, d, block = 1, 2, 256, 32, 64
+    q, k, v = _qkv(b, h, n, d, seed=9, dtype=torch.bfloat16, bnhd=False)
+    gain = torch.tensor([0.0, 1e2, 1e-2, 1.0]).repeat_interleave(block)
+    v = (v.float() * gain[:, None]).to(torch.bfloat16)
+    plan = _plan(b, h, n, block, seed=9, density=1.0)
+    out, lse = triton_block_attention(AttentionCall(q, k, v, plan, d**-0.5, True, None, "fp8"),
+                                      config=KernelConfig(32, 32, 4, 1))  # fmt: skip
+    emu = block_sparse_attention(q, k, v, plan, backend="reference", precision="fp8")
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), plan, backend="reference")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert _rel(out, emu) < 0.01 and _rel(out, ref) < 0.03
 
 
 # ---------------------------------------------------------------------------------------------------- accuracy

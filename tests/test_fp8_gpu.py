@@ -92,3 +92,14 @@ def test_autotuned_fp8_through_the_front_door():
     out = block_sparse_attention(q, k, v, plan, backend="triton", precision="fp8")
     ref = block_sparse_attention(q, k, v, plan, backend="triton")
     assert _rel(out, ref) < 0.03
+
+
+def test_v_blocks_far_apart_in_magnitude():
+    """The P·V sum changes units between key blocks (powers of two, exact): an all-zero V block, blocks 10⁴ apart."""
+    q, k, v, plan = _case(1, 4, 1024, 128, 128, 1.0, False, False, seed=9)
+    gain = torch.tensor([0.0, 1e2, 1e-2, 1.0], device=DEV).repeat_interleave(256)
+    v = (v.float() * gain[None, None, :, None]).to(v.dtype)
+    out = block_sparse_attention(q, k, v, plan, backend="triton", precision="fp8")
+    emu = block_sparse_attention(q, k, v, plan, backend="reference", precision="fp8")
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), plan, backend="reference")
+    assert torch.isfinite(out).all() and _rel(out, emu) < 0.01 and _rel(out, ref) < 0.03

@@ -28,8 +28,9 @@ Design points (the measurements behind them: ``benchmarks/results/kernels-*.md``
   :mod:`~dit_sparse.kernels.quant` makes every call (already in the plan's token order: no K/V gather, TMA always
   applies; V transposed, K-major for the fp8 dot); Q·Kᵀ is an INT8 dot with exact int32 sums, a key tile's scores
   are dequantized by one scalar (Q's block scale with the softmax scale folded in, times K's), P goes to fp8 at
-  scale 448 and each tile's P·V is added in fp32; V's channel scales are applied to the output, the smoothing term of
-  K's mean to the LSE. Its own tuning key field.
+  scale 448 and each tile's P·V is added in fp32, the row's sum kept in the units of the current key block's V scale
+  (powers of two: the change of unit is exact and rides on the softmax rescale); the last unit is applied to the
+  output, the smoothing term of K's sample mean to the LSE. Its own tuning key field.
 - **float32 inputs** run with exact (``ieee``) fp32 dot products on a small tile: correct, not fast. Use
   bf16/fp16 for speed.
 """
@@ -66,10 +67,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ----------------------------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr):
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, v_ratio, keep, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                  FP8: tl.constexpr):  # fmt: skip
     """One key tile of the online softmax; ``keep`` [BLOCK_M or 1, BLOCK_N] masks columns when MASKED.
 
-    FP8: q, k are int8 and v fp8 (all fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale. The
+    FP8: q, k are int8 and v fp8 (all fp32 in the interpreter), ``qk_scale`` the tile's dequantization scale,
+    ``v_ratio`` the previous tile's V scale over this one's (``acc`` is kept in the current tile's V units). The
     int32 scores plus :data:`ROUND_MAGIC`'s bits, read as fp32, are ``M + s`` exactly; ``M · scale`` and P's fp8
     scale 448 (``log2 448``) go into the row's exponent offset, so each score costs one integer add and one FMA
     before its ``exp2`` (the row sums ``l_i`` carry the 448). P goes to fp8 and the tile's P·V is added to ``acc``
@@ -98,7 +101,10 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, 
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if FP8:
+        acc = acc * (alpha * v_ratio)[:, None]  # exact: the V scales are powers of two
+    else:
+        acc = acc * alpha[:, None]
     if FP8:
         p8 = to_fp8(p, IEEE)  # IEEE: the interpreter (exact cast there)
         if IEEE:
@@ -110,6 +116,12 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, 
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def _pow2_ratio(a, b):
+    """``a / b`` for powers of two (normal, and so is the quotient): the exponents subtracted, exact."""
+    return (a.to(tl.int32, bitcast=True) - b.to(tl.int32, bitcast=True) + 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -310,9 +322,11 @@ def _block_sparse_fwd(
     if UPCAST:
         q = q.to(tl.float32)
     bh = b64 * tl.num_programs(1) + h64
-    if FP8:  # the fp8 inputs' scales: Q's per plan query block (softmax scale folded in), K's per key block
+    v_unit = tl.full([], 1.0, dtype=tl.float32)  # fp8: the V scale of the last key tile (acc's unit)
+    if FP8:  # the fp8 inputs' scales: Q's per plan query block (softmax scale folded in), K's and V's per key block
         qk_scale = tl.load(Q_SCALE + bh * tl.cdiv(N, BLOCK_M * Q_SUB) + m_plan)
         k_scales = K_SCALE + bh * MK
+        v_scales = V_SCALE + bh * MK
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -335,9 +349,13 @@ def _block_sparse_fwd(
         if HAS_KVLEN:
             keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, False, HAS_PERM, HAS_KVLEN)
         tile_scale = qk_scale
+        v_ratio = 1.0
         if FP8:
             tile_scale = qk_scale * tl.load(k_scales + kb)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, HAS_KVLEN, IEEE, FP8)
+            v_tile = tl.load(v_scales + kb)
+            v_ratio = _pow2_ratio(v_unit, v_tile)
+            v_unit = v_tile
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, v_ratio, keep, HAS_KVLEN, IEEE, FP8)
 
     if not EVEN_N:
         if has_tail:
@@ -348,15 +366,19 @@ def _block_sparse_fwd(
                                 offs_n, offs_d, N, skn, svn, True, KV_GATHER, False, OFF64, UPCAST, FP8)  # fmt: skip
                 keep = _key_keep(PERM, KV_LEN, b, start, offs_n, N, True, HAS_PERM, HAS_KVLEN)
                 tile_scale = qk_scale
+                v_ratio = 1.0
                 if FP8:
                     tile_scale = qk_scale * tl.load(k_scales + MK - 1)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, keep, True, IEEE, FP8)
+                    v_tile = tl.load(v_scales + MK - 1)
+                    v_ratio = _pow2_ratio(v_unit, v_tile)
+                    v_unit = v_tile
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, tile_scale, v_ratio, keep, True, IEEE, FP8)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    if FP8:  # V's channel scales (P's 448 is in l_i)
-        out = out * tl.load(V_SCALE + bh * HEAD_D + offs_d)[None, :]
+    if FP8:  # acc's V unit (P's 448 is in l_i)
+        out = out * v_unit
     o_ptrs = Out + b64 * sob + h64 * soh + q_rows[:, None] * son + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     if RETURN_LSE:
@@ -441,7 +463,8 @@ def candidate_configs(head_dim: int, dtype: torch.dtype, precision: str = "bf16"
     programs per SM, which hides the softmax behind the other programs' MMAs; fp8 at 128 rows and 4 warps spills (its
     P·V tile has its own accumulator). With them fp8 at H12·N32760·D128 went from 1.02x to 1.32x the bf16 kernel at
     density 1 (675 effective TFLOP/s, pre-pass included, H100: ``benchmarks/results/kernels-2026-12-05-m64.md``),
-    and bf16 at D64 (H48·N17550) from 399 to 435."""
+    and bf16 at D64 (H48·N17550) from 399 to 435. With per-block V scales and the one-launch pre-pass the same
+    candidates won every fp8 row of ``kernels-2026-12-05-split.md``."""
     if dtype == torch.float32:
         return [KernelConfig(64, 32, 4, 2)]
     if _INTERPRET:
