@@ -1,5 +1,13 @@
 """dit-sparse: sparse attention for video diffusion transformers inside Hugging Face Diffusers pipelines."""
 
+from pathlib import Path as _Path
+
+# A source checkout imported without installing it (run from the repository root, or on PYTHONPATH): the top-level
+# folders that pyproject.toml installs as sub-packages (pipelines/, eval/, assets/) are found beside this folder.
+_ROOT = _Path(__file__).resolve().parent.parent
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "pipelines" / "__init__.py").is_file():
+    __path__.append(str(_ROOT))
+
 from dit_sparse.api import SparseReport, apply, remove, report
 from dit_sparse.layout import TokenLayout
 from dit_sparse.methods import (

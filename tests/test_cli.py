@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,18 @@ def test_python_dash_m_help() -> None:
     res = subprocess.run([sys.executable, "-m", "dit_sparse", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "generate" in res.stdout and "eval" in res.stdout and "bench" in res.stdout
     assert "search" in res.stdout
+
+
+def test_a_source_checkout_imports_without_an_install() -> None:
+    """From the repository root, with the dependencies importable but no install hook of this package (``-S``: no
+    ``.pth`` file runs), ``dit_sparse.pipelines`` and ``dit_sparse.eval`` come from this checkout's top-level folders."""
+    root = Path(__file__).resolve().parent.parent
+    code = "import dit_sparse.pipelines, dit_sparse.eval.run; print(dit_sparse.pipelines.__file__)"
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ.get("PATH", "")}
+    res = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()) == root / "pipelines" / "__init__.py"
 
 
 def test_generate_writes_and_refuses_overwrite(
