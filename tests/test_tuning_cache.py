@@ -282,21 +282,32 @@ def test_export_adds_the_machines_entries_to_the_shipped_table(tables, folder, t
     }  # fmt: skip
 
 
-def test_the_package_ships_a_well_formed_h200_table():
-    shipped = sorted(tc.TABLES_FOLDER.glob("*.json"))
-    assert [p.name for p in shipped] == ["gpu-nvidia-h200-triton-3-6.json"]
-    data = json.loads(shipped[0].read_text())
-    assert data["machine"] == {"gpu": "NVIDIA H200", "triton": "3.6"}
+TABLES = {  # file: (stamp, fewest attention keys)
+    "gpu-nvidia-h100-80gb-hbm3-triton-3-6.json": ({"gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6"}, 70),
+    "gpu-nvidia-h200-triton-3-6.json": ({"gpu": "NVIDIA H200", "triton": "3.6"}, 50),  # bf16 keys only since 2026-12-05
+}
+
+
+def test_the_package_ships_the_h100_and_h200_tables():
+    assert sorted(p.name for p in tc.TABLES_FOLDER.glob("*.json")) == sorted(TABLES)
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_a_shipped_table_is_well_formed(name):
+    stamp, fewest = TABLES[name]
+    path = tc.TABLES_FOLDER / name
+    data = json.loads(path.read_text())
+    assert data["machine"] == stamp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels = tc._read(shipped[0], data["machine"])
+        kernels = tc._read(path, data["machine"])
     from dit_sparse.kernels.triton_attention import TuneKey
 
     entries = kernels["triton block-sparse attention"]
-    assert len(entries) >= 50  # bf16 keys; its fp8 keys were dropped when the fp8 candidates changed (2026-12-05)
+    assert len(entries) >= fewest
     assert all(len(tc.key_from_json(k)) == len(TuneKey._fields) for k in entries)
     mass = kernels["triton block mass"]  # AdaSpa's search: (head dim, dtype, block, LSE computed, size bucket)
-    assert {tuple(tc.key_from_json(k)[2:4]) for k in mass} == {(64, True), (64, False)}
+    assert {tuple(tc.key_from_json(k)[3:4]) for k in mass} == {(True,), (False,)}
 
 
 def test_wheels_carry_the_shipped_tables():
